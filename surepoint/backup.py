@@ -1,0 +1,245 @@
+"""The backup engine: turn disk sources into chunks and fixed indexes, then commit a restore point.
+
+The calling thread reads the source in order (one sequential stream, friendly to disks and NBD
+servers); a pool of workers hashes, compresses, encrypts and stores chunks in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from surepoint.chunks import ZERO_ID
+from surepoint.extents import Extent, chunks_touched
+from surepoint.fixed_index import FixedIndex
+from surepoint.locks import repository_lock
+from surepoint.manifest import CONSISTENCY_LEVELS, DiskRecord, RestorePoint
+from surepoint.repository import Repository, utc_now
+from surepoint.sources import DiskSource
+
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass
+class BackupRequest:
+    """What to back up and how to label it."""
+
+    name: str
+    sources: Sequence[DiskSource]
+    source_info: dict = field(default_factory=dict)
+    consistency: str = "crash"
+    metadata: dict = field(default_factory=dict)
+    disk_metadata: dict[int, dict] = field(default_factory=dict)
+    base: RestorePoint | None = None  # previous restore point of the same source, for reuse
+    use_base: bool = True
+
+
+@dataclass
+class _DiskStats:
+    read_bytes: int = 0
+    new_chunks: int = 0
+    new_bytes: int = 0
+    stored_bytes: int = 0
+    reused_chunks: int = 0
+    zero_chunks: int = 0
+
+
+class _ChunkWriter:
+    """Hashes and stores chunks; shared by the workers, remembers what this backup already wrote."""
+
+    def __init__(self, repository: Repository) -> None:
+        self.chunks = repository.chunks
+        self._written: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._zero = bytes(repository.chunk_size)
+
+    def process(self, data: bytes, stats: _DiskStats) -> bytes:
+        if data == self._zero[: len(data)]:
+            with self._lock:
+                stats.zero_chunks += 1
+            return ZERO_ID
+        chunk_id = self.chunks.chunk_id(data)
+        with self._lock:
+            fresh = chunk_id not in self._written
+            self._written.add(chunk_id)
+        # claim_existing touches the stored chunk, which tells a concurrent gc that it is in use.
+        if not fresh or self.chunks.claim_existing(chunk_id):
+            with self._lock:
+                stats.reused_chunks += 1
+            return chunk_id
+        stored = self.chunks.put(chunk_id, data, durable=False)
+        with self._lock:
+            stats.new_chunks += 1
+            stats.new_bytes += len(data)
+            stats.stored_bytes += stored
+        return chunk_id
+
+    def reuse(self, chunk_id: bytes, stats: _DiskStats) -> bool:
+        """Keep a chunk of the base index without reading it; False if it is gone from the repository."""
+        if chunk_id == ZERO_ID:
+            stats.zero_chunks += 1
+            return True
+        with self._lock:
+            known = chunk_id in self._written
+        if known or self.chunks.claim_existing(chunk_id):
+            with self._lock:
+                self._written.add(chunk_id)
+            stats.reused_chunks += 1
+            return True
+        return False
+
+
+def _chunks_to_read(
+    source: DiskSource, index: FixedIndex, base: FixedIndex | None
+) -> tuple[list[int], set[int], str]:
+    """Which chunks must be read, which come unchanged from the base, and how that was decided."""
+    allocated = source.allocated()
+    with_data = chunks_touched(allocated, index.chunk_size)
+    changed = source.changed() if base is not None else None
+    if base is None or changed is None:
+        mode = "full read" if base is None else "full read, compared with the previous restore point"
+        return sorted(with_data), set(), mode
+    dirty = chunks_touched(changed, index.chunk_size)
+    to_read = sorted(with_data & dirty)
+    # Chunks outside the dirty ranges keep the base's entry (zero where no longer allocated).
+    unchanged = set(range(len(index.ids))) - dirty
+    return to_read, unchanged, "changed blocks only"
+
+
+def run_backup(
+    repository: Repository,
+    request: BackupRequest,
+    *,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RestorePoint:
+    """Back up every source of the request and commit one restore point with all its disks."""
+    if request.consistency not in CONSISTENCY_LEVELS:
+        raise ValueError(f"unknown consistency level {request.consistency}")
+    workers = workers or max(2, os.cpu_count() or 2)
+    started = time.monotonic()
+    rp_id = repository.new_restore_point_id()
+    writer = _ChunkWriter(repository)
+    chunk_size = repository.chunk_size
+    say = log or (lambda _msg: None)
+    disks: list[DiskRecord] = []
+    indexes: dict[int, FixedIndex] = {}
+
+    with repository_lock(repository.backend, "backup"), ThreadPoolExecutor(workers) as pool:
+        for number, source in enumerate(request.sources):
+            index = FixedIndex.empty(source.size, chunk_size)
+            base_index = _base_index(repository, request, number, source, say)
+            to_read, unchanged, mode = _chunks_to_read(source, index, base_index)
+            say(f"disk {number} ({source.name}): {mode}")
+            stats = _DiskStats()
+            if base_index is not None:
+                for n in sorted(unchanged):
+                    if not writer.reuse(base_index.ids[n], stats):
+                        to_read.append(n)  # the base's chunk is gone: read it again
+                to_read.sort()
+            if progress:
+                progress(source.size - sum(index.chunk_range(n)[1] for n in to_read))
+            _read_and_store(source, index, to_read, writer, stats, pool, workers, progress)
+            for n in unchanged:
+                if n not in to_read:
+                    index.ids[n] = base_index.ids[n]
+            indexes[number] = index
+            disks.append(
+                DiskRecord(
+                    number=number,
+                    name=source.name,
+                    size=source.size,
+                    chunk_size=chunk_size,
+                    index=repository.index_name(rp_id, number),
+                    metadata={"read_mode": mode, **request.disk_metadata.get(number, {})},
+                    **stats.__dict__,
+                )
+            )
+        restore_point = RestorePoint(
+            id=rp_id,
+            name=request.name,
+            created=utc_now(),
+            source=request.source_info,
+            disks=disks,
+            consistency=request.consistency,
+            parent=request.base.id if request.base else None,
+            host=socket.gethostname(),
+            duration_seconds=round(time.monotonic() - started, 3),
+            metadata=request.metadata,
+        )
+        repository.commit(restore_point, indexes)
+    return restore_point
+
+
+def _base_index(
+    repository: Repository, request: BackupRequest, number: int, source: DiskSource, say: Callable[[str], None]
+) -> FixedIndex | None:
+    base = request.base
+    if base is None or not request.use_base:
+        return None
+    disk = next((d for d in base.disks if d.number == number), None)
+    if disk is None or disk.size != source.size or disk.chunk_size != repository.chunk_size:
+        say(f"disk {number}: size or layout changed since restore point {base.id}: reading everything")
+        return None
+    try:
+        return repository.load_index(base, number)
+    except Exception as exc:  # noqa: BLE001 - a bad base only costs a full read
+        say(f"disk {number}: cannot use restore point {base.id} as base ({exc}): reading everything")
+        return None
+
+
+def _read_and_store(
+    source: DiskSource,
+    index: FixedIndex,
+    to_read: list[int],
+    writer: _ChunkWriter,
+    stats: _DiskStats,
+    pool: ThreadPoolExecutor,
+    workers: int,
+    progress: ProgressCallback | None,
+) -> None:
+    window = threading.BoundedSemaphore(workers * 2)  # caps chunks held in memory
+    pending: list[tuple[int, int, Future[bytes]]] = []
+    errors: list[BaseException] = []
+
+    def done(fut: Future[bytes], length: int) -> None:
+        window.release()
+        if fut.exception() is not None:
+            errors.append(fut.exception())
+        elif progress:
+            progress(length)
+
+    try:
+        for n in to_read:
+            if errors:
+                break
+            offset, length = index.chunk_range(n)
+            window.acquire()
+            try:
+                data = source.read(offset, length)
+            except BaseException:
+                window.release()
+                raise
+            stats.read_bytes += length
+            fut = pool.submit(writer.process, data, stats)
+            fut.add_done_callback(lambda f, length=length: done(f, length))
+            pending.append((n, length, fut))
+    finally:
+        for n, _length, fut in pending:
+            try:
+                index.ids[n] = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - the first error is raised below
+                if not errors:
+                    errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def extent_bytes(extents: Sequence[Extent]) -> int:
+    return sum(e.length for e in extents)

@@ -1,0 +1,52 @@
+"""The fixed index: one chunk id per fixed-size, disk-aligned chunk of one disk of one restore point."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from surepoint.chunks import DIGEST_SIZE, ZERO_ID
+from surepoint.errors import DamagedData
+
+MAGIC = b"SPFX"
+VERSION = 1
+HEADER = struct.Struct("<4sHHQIHHQ")  # magic, version, reserved, disk size, chunk size, digest size, reserved, count
+
+
+@dataclass
+class FixedIndex:
+    """Chunk ids in disk order. Entry i covers bytes [i*chunk_size, min((i+1)*chunk_size, disk_size))."""
+
+    disk_size: int
+    chunk_size: int
+    ids: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, disk_size: int, chunk_size: int) -> FixedIndex:
+        return cls(disk_size, chunk_size, [ZERO_ID] * chunk_count(disk_size, chunk_size))
+
+    def chunk_range(self, number: int) -> tuple[int, int]:
+        """(offset, length) of chunk `number` on the disk."""
+        offset = number * self.chunk_size
+        return offset, min(self.chunk_size, self.disk_size - offset)
+
+    def encode(self) -> bytes:
+        header = HEADER.pack(MAGIC, VERSION, 0, self.disk_size, self.chunk_size, DIGEST_SIZE, 0, len(self.ids))
+        return header + b"".join(self.ids)
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "index") -> FixedIndex:
+        if len(data) < HEADER.size:
+            raise DamagedData(f"{what} is damaged (truncated header)")
+        magic, version, _, disk_size, chunk_size, digest_size, _, count = HEADER.unpack_from(data)
+        if magic != MAGIC or version != VERSION or digest_size != DIGEST_SIZE or chunk_size <= 0:
+            raise DamagedData(f"{what} is damaged (bad header)")
+        if count != chunk_count(disk_size, chunk_size) or len(data) != HEADER.size + count * DIGEST_SIZE:
+            raise DamagedData(f"{what} is damaged (entry count does not match its size)")
+        body = memoryview(data)[HEADER.size :]
+        ids = [bytes(body[i : i + DIGEST_SIZE]) for i in range(0, count * DIGEST_SIZE, DIGEST_SIZE)]
+        return cls(disk_size, chunk_size, ids)
+
+
+def chunk_count(disk_size: int, chunk_size: int) -> int:
+    return (disk_size + chunk_size - 1) // chunk_size

@@ -1,0 +1,128 @@
+"""Repository locks: small objects under locks/ naming who works on the repository and since when.
+
+Backups of any number of sources may run at once (chunks are content-addressed and written
+atomically); what must not overlap is declared per lock kind in CONFLICTS. Garbage collection also
+reads the backup locks to learn the start of the oldest running backup (see gc.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from surepoint.errors import RepositoryLocked
+from surepoint.storage.backend import Backend, ObjectNotFound
+
+LOCK_PREFIX = "locks/"
+REFRESH_SECONDS = 300
+STALE_SECONDS = 1800  # a lock of another host not refreshed for this long is abandoned
+
+CONFLICTS: dict[str, set[str]] = {
+    "backup": {"exclusive"},
+    "restore": {"exclusive"},
+    "verify": {"exclusive"},
+    "forget": {"forget", "exclusive"},
+    "gc": {"gc", "exclusive"},
+    "exclusive": {"backup", "restore", "verify", "forget", "gc", "exclusive"},
+}
+
+
+@dataclass
+class LockRecord:
+    id: str
+    kind: str
+    host: str
+    pid: int
+    created: float
+    refreshed: float
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created))
+        return f"{self.kind} by pid {self.pid} on {self.host} since {when}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_stale(lock: LockRecord, now: float | None = None) -> bool:
+    if lock.host == socket.gethostname():
+        return not _process_alive(lock.pid)
+    return (now or time.time()) - lock.refreshed > STALE_SECONDS
+
+
+def read_locks(backend: Backend) -> list[LockRecord]:
+    locks = []
+    for info in backend.list(LOCK_PREFIX):
+        try:
+            locks.append(LockRecord(**json.loads(backend.get(info.name))))
+        except (ObjectNotFound, ValueError, TypeError):
+            continue
+    return locks
+
+
+def remove_stale_locks(backend: Backend) -> list[LockRecord]:
+    removed = []
+    for lock in read_locks(backend):
+        if is_stale(lock):
+            try:
+                backend.delete(LOCK_PREFIX + lock.id)
+                removed.append(lock)
+            except ObjectNotFound:
+                pass
+    return removed
+
+
+@contextmanager
+def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
+    """Hold a lock of `kind` for the duration of the block; fail at once if a conflicting one is held."""
+    now = time.time()
+    record = LockRecord(secrets.token_hex(8), kind, socket.gethostname(), os.getpid(), now, now)
+    name = LOCK_PREFIX + record.id
+    backend.put(name, json.dumps(asdict(record)).encode())
+    # Write first, then look: of two processes racing, at least one sees the other and backs off.
+    for other in read_locks(backend):
+        if other.id == record.id or other.kind not in CONFLICTS[kind] or is_stale(other):
+            continue
+        backend.delete(name)
+        raise RepositoryLocked(
+            f"repository is locked ({other.describe()}); wait for it to finish, "
+            "or run `surepoint unlock` if that process is gone"
+        )
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(REFRESH_SECONDS):
+            record.refreshed = time.time()
+            try:
+                backend.put(name, json.dumps(asdict(record)).encode())
+            except Exception:  # noqa: BLE001 - a failed refresh must not kill the job
+                pass
+
+    refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
+    refresher.start()
+    try:
+        yield record
+    finally:
+        stop.set()
+        try:
+            backend.delete(name)
+        except ObjectNotFound:
+            pass

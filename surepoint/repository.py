@@ -1,0 +1,221 @@
+"""A surepoint repository: config and keys, chunk store, fixed indexes and restore-point manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from surepoint import crypto
+from surepoint.chunks import ChunkStore
+from surepoint.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
+from surepoint.errors import (
+    DamagedData,
+    NotARepository,
+    RepositoryNotFound,
+    RestorePointNotFound,
+    SurepointError,
+    UsageError,
+)
+from surepoint.fixed_index import FixedIndex
+from surepoint.manifest import RestorePoint
+from surepoint.storage.backend import Backend, ObjectNotFound
+from surepoint.storage.local import LocalBackend
+
+FORMAT = "surepoint-repository"
+FORMAT_VERSION = 1
+CONFIG = "config"
+MANIFEST_PREFIX = "restorepoints/"
+INDEX_PREFIX = "indexes/"
+DEFAULT_CHUNK_SIZE = 4 << 20
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 64 << 20
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def open_backend(location: str, *, create: bool = False) -> Backend:
+    """The backend for a repository location (a local path for now)."""
+    if "://" in location and not location.startswith("file://"):
+        raise UsageError(f"repository location {location!r}: only local paths are supported so far")
+    path = location.removeprefix("file://")
+    if create:
+        if os.path.exists(os.path.join(path, CONFIG)):
+            raise UsageError(f"a repository already exists at {path}")
+        if os.path.isdir(path) and os.listdir(path):
+            raise UsageError(f"{path} exists and is not empty: choose a new or empty directory")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise SurepointError(f"cannot create repository directory {path}: {exc.strerror}") from None
+    elif not os.path.isdir(path):
+        raise RepositoryNotFound(f"no repository at {path}: check --repo, or create one with `surepoint init`")
+    return LocalBackend(path)
+
+
+class Repository:
+    def __init__(self, backend: Backend, config: dict, keys: crypto.Keys | None) -> None:
+        self.backend = backend
+        self.config = config
+        self.keys = keys
+        self.envelope = Envelope(keys, config.get("compression_level", 3))
+        self.chunks = ChunkStore(backend, self.envelope, keys.chunk_id if keys else None)
+        self.damaged_manifests: list[str] = []
+
+    @property
+    def id(self) -> str:
+        return self.config["id"]
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config["chunk_size"]
+
+    @property
+    def encryption(self) -> str:
+        return self.config["encryption"]["cipher"] if self.config.get("encryption") else "none"
+
+    @classmethod
+    def create(
+        cls,
+        backend: Backend,
+        *,
+        encryption: str = "none",
+        passphrase: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        compression_level: int = 3,
+    ) -> Repository:
+        if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise UsageError("chunk size must be a power of two between 64 KiB and 64 MiB")
+        config: dict = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "id": secrets.token_hex(16),
+            "created": utc_now(),
+            "chunk_size": chunk_size,
+            "digest": "blake3",
+            "compression": "zstd",
+            "compression_level": compression_level,
+            "encryption": None,
+        }
+        keys = None
+        if encryption != "none":
+            keys, config["encryption"] = crypto.new_key_record(encryption, passphrase or "", config["id"])
+        # Every directory exists from the start, so writing an object never has to make one durable.
+        for prefix in ("indexes", "restorepoints", "locks", "trash"):
+            os.makedirs(os.path.join(backend.location, prefix), exist_ok=True)
+        for byte in range(256):
+            os.makedirs(os.path.join(backend.location, "chunks", f"{byte:02x}"), exist_ok=True)
+        os.sync()
+        backend.put(CONFIG, json.dumps(config, indent=2).encode())
+        return cls(backend, config, keys)
+
+    @classmethod
+    def open(cls, backend: Backend, passphrase: Callable[[], str]) -> Repository:
+        try:
+            config = json.loads(backend.get(CONFIG))
+        except ObjectNotFound:
+            raise NotARepository(f"{backend.location} is not a surepoint repository (it has no config)") from None
+        except ValueError:
+            raise NotARepository(f"{backend.location}: repository config is unreadable") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise NotARepository(f"{backend.location} is not a surepoint repository")
+        if config.get("version") != FORMAT_VERSION:
+            raise NotARepository(f"repository format version {config.get('version')} is not supported")
+        keys = None
+        if config.get("encryption"):
+            keys = crypto.unwrap_keys(config["encryption"], passphrase(), config["id"])
+        return cls(backend, config, keys)
+
+    # restore points -------------------------------------------------------------------------
+
+    def new_restore_point_id(self) -> str:
+        return secrets.token_hex(8)
+
+    def index_name(self, restore_point_id: str, disk_number: int) -> str:
+        return f"{INDEX_PREFIX}{restore_point_id}.{disk_number}"
+
+    def list_restore_points(self) -> list[RestorePoint]:
+        """Every committed restore point, oldest first. Unreadable manifests go to `damaged_manifests`."""
+        points = []
+        self.damaged_manifests = []
+        for info in self.backend.list(MANIFEST_PREFIX):
+            try:
+                points.append(self._read_manifest(info.name))
+            except (DamagedData, ObjectNotFound):
+                self.damaged_manifests.append(info.name)
+        points.sort(key=lambda p: (p.created, p.id))
+        return points
+
+    def _read_manifest(self, name: str) -> RestorePoint:
+        data = self.envelope.open(KIND_MANIFEST, name, self.backend.get(name))
+        try:
+            return RestorePoint.from_json(data)
+        except (ValueError, TypeError, KeyError):
+            raise DamagedData(f"manifest {name} is damaged (unreadable)") from None
+
+    def resolve(self, ref: str) -> RestorePoint:
+        """A restore point by id, unambiguous id prefix, or NAME:latest."""
+        points = self.list_restore_points()
+        if ref.endswith(":latest"):
+            name = ref[: -len(":latest")]
+            named = [p for p in points if p.name == name]
+            if not named:
+                raise RestorePointNotFound(f"no restore point named {name!r}")
+            return named[-1]
+        if ref == "latest":
+            if not points:
+                raise RestorePointNotFound("the repository has no restore points")
+            return points[-1]
+        matches = [p for p in points if p.id.startswith(ref)] if ref else []
+        if not matches:
+            raise RestorePointNotFound(f"no restore point {ref!r} (see `surepoint list`)")
+        if len(matches) > 1:
+            raise UsageError(f"restore point prefix {ref!r} is ambiguous: {', '.join(p.id for p in matches)}")
+        return matches[0]
+
+    def latest_named(self, name: str) -> RestorePoint | None:
+        named = [p for p in self.list_restore_points() if p.name == name]
+        return named[-1] if named else None
+
+    def load_index(self, restore_point: RestorePoint, disk_number: int) -> FixedIndex:
+        disk = next((d for d in restore_point.disks if d.number == disk_number), None)
+        if disk is None:
+            numbers = ", ".join(str(d.number) for d in restore_point.disks)
+            raise UsageError(f"restore point {restore_point.id} has no disk {disk_number} (disks: {numbers})")
+        what = f"index of disk {disk_number} of restore point {restore_point.id}"
+        try:
+            blob = self.backend.get(disk.index)
+        except ObjectNotFound:
+            raise DamagedData(f"{what} is missing") from None
+        try:
+            index = FixedIndex.decode(self.envelope.open(KIND_INDEX, disk.index, blob), what)
+        except DamagedData as exc:
+            raise DamagedData(f"{what} is damaged ({exc})") from None
+        if index.disk_size != disk.size:
+            raise DamagedData(f"{what} is damaged (its disk size does not match the manifest)")
+        return index
+
+    def commit(self, restore_point: RestorePoint, indexes: dict[int, FixedIndex]) -> None:
+        """Make a restore point exist: indexes, then a sync of everything written, then the manifest."""
+        for disk in restore_point.disks:
+            blob = self.envelope.seal(KIND_INDEX, disk.index, indexes[disk.number].encode())
+            self.backend.put(disk.index, blob, durable=False)
+        self.backend.sync()
+        name = MANIFEST_PREFIX + restore_point.id
+        self.backend.put(name, self.envelope.seal(KIND_MANIFEST, name, restore_point.to_json()), durable=True)
+
+    def delete_restore_point(self, restore_point: RestorePoint) -> None:
+        """Remove the manifest first (the point ceases to exist), then its indexes."""
+        try:
+            self.backend.delete(MANIFEST_PREFIX + restore_point.id)
+        except ObjectNotFound:
+            pass
+        for disk in restore_point.disks:
+            try:
+                self.backend.delete(disk.index)
+            except ObjectNotFound:
+                pass
