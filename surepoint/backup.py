@@ -94,9 +94,7 @@ class _ChunkWriter:
         return False
 
 
-def _chunks_to_read(
-    source: DiskSource, index: FixedIndex, base: FixedIndex | None
-) -> tuple[list[int], set[int], str]:
+def _chunks_to_read(source: DiskSource, index: FixedIndex, base: FixedIndex | None) -> tuple[list[int], set[int], str]:
     """Which chunks must be read, which come unchanged from the base, and how that was decided."""
     allocated = source.allocated()
     with_data = chunks_touched(allocated, index.chunk_size)
@@ -178,7 +176,11 @@ def run_backup(
 
 
 def _base_index(
-    repository: Repository, request: BackupRequest, number: int, source: DiskSource, say: Callable[[str], None]
+    repository: Repository,
+    request: BackupRequest,
+    number: int,
+    source: DiskSource,
+    say: Callable[[str], None],
 ) -> FixedIndex | None:
     base = request.base
     if base is None or not request.use_base:

@@ -7,6 +7,7 @@ reads the backup locks to learn the start of the oldest running backup (see gc.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -14,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
 from surepoint.errors import RepositoryLocked
@@ -111,10 +112,8 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
     def refresh() -> None:
         while not stop.wait(REFRESH_SECONDS):
             record.refreshed = time.time()
-            try:
+            with contextlib.suppress(Exception):  # a failed refresh must not kill the job
                 backend.put(name, json.dumps(asdict(record)).encode())
-            except Exception:  # noqa: BLE001 - a failed refresh must not kill the job
-                pass
 
     refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
     refresher.start()
@@ -122,7 +121,5 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
         yield record
     finally:
         stop.set()
-        try:
+        with suppress(ObjectNotFound):
             backend.delete(name)
-        except ObjectNotFound:
-            pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -210,12 +211,8 @@ class Repository:
 
     def delete_restore_point(self, restore_point: RestorePoint) -> None:
         """Remove the manifest first (the point ceases to exist), then its indexes."""
-        try:
+        with contextlib.suppress(ObjectNotFound):
             self.backend.delete(MANIFEST_PREFIX + restore_point.id)
-        except ObjectNotFound:
-            pass
         for disk in restore_point.disks:
-            try:
+            with contextlib.suppress(ObjectNotFound):
                 self.backend.delete(disk.index)
-            except ObjectNotFound:
-                pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -67,10 +68,8 @@ class LocalBackend:
                 os.close(fd)
             os.rename(tmp, path)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             raise _storage_error(exc, name) from None
         if durable:
             _fsync_dir(directory)

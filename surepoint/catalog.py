@@ -1,0 +1,154 @@
+"""The catalog: a SQLite database of events, verification results and chunk check times.
+
+The repository holds the data and is the truth about what restore points exist; the catalog
+holds what happened to them (jobs, phases, verification). Losing it loses history, never data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    restore_point TEXT,
+    source TEXT,
+    component TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_by_point ON events(repository, restore_point);
+CREATE TABLE IF NOT EXISTS verifications (
+    id INTEGER PRIMARY KEY,
+    repository TEXT NOT NULL,
+    restore_point TEXT NOT NULL,
+    time TEXT NOT NULL,
+    kind TEXT NOT NULL,          -- integrity | recovery
+    state TEXT NOT NULL,         -- verified | damaged | failed
+    details TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS verifications_by_point ON verifications(repository, restore_point);
+CREATE TABLE IF NOT EXISTS chunk_checks (
+    repository TEXT NOT NULL,
+    chunk_id BLOB NOT NULL,
+    checked_at TEXT NOT NULL,
+    PRIMARY KEY (repository, chunk_id)
+);
+"""
+
+
+def default_catalog_path() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "surepoint", "catalog.sqlite")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Event:
+    time: str
+    restore_point: str | None
+    source: str | None
+    component: str
+    phase: str
+    outcome: str
+    message: str
+
+
+class Catalog:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # events -----------------------------------------------------------------------------------
+
+    def add_event(
+        self,
+        repository: str,
+        component: str,
+        phase: str,
+        outcome: str,
+        message: str = "",
+        *,
+        restore_point: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO events(time, repository, restore_point, source, component, phase, outcome, message)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (now_iso(), repository, restore_point, source, component, phase, outcome, message),
+            )
+
+    def events(self, repository: str, restore_point: str | None = None, limit: int = 200) -> list[Event]:
+        sql = "SELECT time, restore_point, source, component, phase, outcome, message FROM events WHERE repository=?"
+        args: list = [repository]
+        if restore_point:
+            sql += " AND restore_point=?"
+            args.append(restore_point)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return [Event(*row) for row in reversed(self._db.execute(sql, args).fetchall())]
+
+    # verification -----------------------------------------------------------------------------
+
+    def record_verification(self, repository: str, restore_point: str, kind: str, state: str, details: dict) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO verifications(repository, restore_point, time, kind, state, details)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (repository, restore_point, now_iso(), kind, state, json.dumps(details)),
+            )
+
+    def latest_verification(self, repository: str, restore_point: str, kind: str) -> dict | None:
+        row = self._db.execute(
+            "SELECT time, state, details FROM verifications WHERE repository=? AND restore_point=? AND kind=?"
+            " ORDER BY id DESC LIMIT 1",
+            (repository, restore_point, kind),
+        ).fetchone()
+        if row is None:
+            return None
+        return {"time": row[0], "state": row[1], "details": json.loads(row[2])}
+
+    def state_of(self, repository: str, restore_point: str) -> str:
+        """unverified / verified / damaged, from the latest integrity check of the restore point."""
+        latest = self.latest_verification(repository, restore_point, "integrity")
+        return latest["state"] if latest else "unverified"
+
+    def record_chunk_checks(self, repository: str, chunk_ids: Iterable[bytes]) -> None:
+        stamp = now_iso()
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO chunk_checks(repository, chunk_id, checked_at) VALUES (?, ?, ?)",
+                ((repository, cid, stamp) for cid in chunk_ids),
+            )
+
+    def forget_chunk_checks(self, repository: str, chunk_ids: Iterable[bytes]) -> None:
+        with self._db:
+            self._db.executemany(
+                "DELETE FROM chunk_checks WHERE repository=? AND chunk_id=?",
+                ((repository, cid) for cid in chunk_ids),
+            )
+
+    def chunks_checked_since(self, repository: str, since: str) -> set[bytes]:
+        rows = self._db.execute(
+            "SELECT chunk_id FROM chunk_checks WHERE repository=? AND checked_at>=?", (repository, since)
+        )
+        return {bytes(r[0]) for r in rows}

@@ -1,0 +1,143 @@
+"""Garbage collection: delete chunks and indexes no restore point refers to, safely beside running backups.
+
+Safety rule (docs/repository-format.md, "Garbage collection"): a backup touches (updates the
+mtime of) every stored chunk it reuses and writes every other chunk new, all after it took its
+backup lock. GC computes `cutoff = min(gc start, oldest live backup lock) - MARGIN` and only
+removes unreferenced objects older than the cutoff. The last race, a backup touching a chunk
+between GC's listing and its delete, is closed by moving a chunk to trash/ first and looking at
+its mtime again: a chunk touched meanwhile goes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from surepoint.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
+from surepoint.errors import DamagedData
+from surepoint.locks import is_stale, read_locks, remove_stale_locks, repository_lock
+from surepoint.repository import INDEX_PREFIX, Repository
+from surepoint.storage.backend import ObjectNotFound
+
+MARGIN_SECONDS = 300
+TRASH_PREFIX = "trash/"
+
+
+@dataclass
+class GcResult:
+    referenced_chunks: int = 0
+    removed_chunks: int = 0
+    removed_bytes: int = 0
+    kept_recent_chunks: int = 0
+    removed_indexes: int = 0
+    removed_temporary: int = 0
+    restored_from_trash: int = 0
+    dry_run: bool = False
+    unreadable_points: list[str] = field(default_factory=list)
+
+
+def collect_garbage(
+    repository: Repository,
+    *,
+    dry_run: bool = False,
+    margin: float = MARGIN_SECONDS,
+    log: Callable[[str], None] | None = None,
+) -> GcResult:
+    say = log or (lambda _m: None)
+    backend = repository.backend
+    result = GcResult(dry_run=dry_run)
+    with repository_lock(backend, "gc"):
+        remove_stale_locks(backend)
+        started = time.time()
+        backups = [lk for lk in read_locks(backend) if lk.kind == "backup" and not is_stale(lk)]
+        cutoff = min([started] + [lk.created for lk in backups]) - margin
+        if backups:
+            say(f"{len(backups)} backup(s) running: keeping everything written since they started")
+
+        referenced: set[bytes] = set()
+        live_indexes: set[str] = set()
+        points = repository.list_restore_points()
+        for point in points:
+            for disk in point.disks:
+                live_indexes.add(disk.index)
+                try:
+                    referenced.update(repository.load_index(point, disk.number).ids)
+                except DamagedData:
+                    # Without its index we cannot know what the point needs; refuse to delete anything.
+                    result.unreadable_points.append(point.id)
+        if result.unreadable_points:
+            raise DamagedData(
+                "garbage collection stopped: the indexes of restore points "
+                + ", ".join(sorted(set(result.unreadable_points)))
+                + " are unreadable; run `surepoint verify` and forget or repair them first"
+            )
+        if repository.damaged_manifests:
+            raise DamagedData(
+                "garbage collection stopped: unreadable manifests " + ", ".join(repository.damaged_manifests)
+            )
+        referenced.discard(ZERO_ID)
+        result.referenced_chunks = len(referenced)
+
+        for info in list(backend.list(TRASH_PREFIX)):
+            chunk_id = chunk_id_from_name(info.name)
+            if chunk_id in referenced and not dry_run:
+                _rename_back(backend, info.name, chunk_object_name(chunk_id))
+                result.restored_from_trash += 1
+            elif not dry_run:
+                _delete_quietly(backend, info.name)
+
+        for info in backend.list(CHUNK_PREFIX):
+            chunk_id = chunk_id_from_name(info.name)
+            if chunk_id is None or chunk_id in referenced:
+                continue
+            if info.mtime >= cutoff:
+                result.kept_recent_chunks += 1
+                continue
+            if dry_run:
+                result.removed_chunks += 1
+                result.removed_bytes += info.size
+                continue
+            trash = TRASH_PREFIX + chunk_id.hex()
+            try:
+                backend.rename(info.name, trash)
+            except ObjectNotFound:
+                continue
+            moved = backend.stat(trash)
+            if moved.mtime >= cutoff:  # a backup claimed it between our listing and the move
+                _rename_back(backend, trash, info.name)
+                result.kept_recent_chunks += 1
+                continue
+            _delete_quietly(backend, trash)
+            result.removed_chunks += 1
+            result.removed_bytes += info.size
+
+        for info in backend.list(INDEX_PREFIX):
+            if info.name not in live_indexes and info.mtime < cutoff:
+                result.removed_indexes += 1
+                if not dry_run:
+                    _delete_quietly(backend, info.name)
+
+        list_temporary = getattr(backend, "list_temporary", None)
+        if list_temporary is not None:
+            for info in list(list_temporary()):
+                if info.mtime < cutoff:
+                    result.removed_temporary += 1
+                    if not dry_run:
+                        _delete_quietly(backend, info.name)
+        if not dry_run:
+            backend.sync()
+    return result
+
+
+def _rename_back(backend, trash_name: str, name: str) -> None:
+    if backend.exists(name):  # a backup wrote it again meanwhile: same content, drop the trash copy
+        _delete_quietly(backend, trash_name)
+    else:
+        backend.rename(trash_name, name)
+
+
+def _delete_quietly(backend, name: str) -> None:
+    with contextlib.suppress(ObjectNotFound, FileNotFoundError):
+        backend.delete(name)
