@@ -7,6 +7,7 @@ servers); a pool of workers hashes, compresses, encrypts and stores chunks in pa
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -37,6 +38,7 @@ class BackupRequest:
     disk_metadata: dict[int, dict] = field(default_factory=dict)
     base: RestorePoint | None = None  # previous restore point of the same source, for reuse
     use_base: bool = True
+    restore_point_id: str | None = None  # chosen by the caller so job events can name it early
 
 
 @dataclass
@@ -122,7 +124,7 @@ def run_backup(
         raise ValueError(f"unknown consistency level {request.consistency}")
     workers = workers or max(2, os.cpu_count() or 2)
     started = time.monotonic()
-    rp_id = repository.new_restore_point_id()
+    rp_id = request.restore_point_id or repository.new_restore_point_id()
     writer = _ChunkWriter(repository)
     chunk_size = repository.chunk_size
     say = log or (lambda _msg: None)
@@ -171,8 +173,15 @@ def run_backup(
             duration_seconds=round(time.monotonic() - started, 3),
             metadata=request.metadata,
         )
+        _fault_point("before-commit")
         repository.commit(restore_point, indexes)
     return restore_point
+
+
+def _fault_point(name: str) -> None:
+    """Testing aid: SUREPOINT_FAULT=<name> kills the process here, as a crash or power cut would."""
+    if os.environ.get("SUREPOINT_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _base_index(

@@ -36,6 +36,17 @@ CREATE TABLE IF NOT EXISTS verifications (
     details TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS verifications_by_point ON verifications(repository, restore_point);
+CREATE TABLE IF NOT EXISTS pending_log_prunes (
+    id INTEGER PRIMARY KEY,
+    repository TEXT NOT NULL,
+    restore_point TEXT NOT NULL,
+    source TEXT,
+    writer_type TEXT NOT NULL,
+    writer_config TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created TEXT NOT NULL,
+    done TEXT
+);
 CREATE TABLE IF NOT EXISTS chunk_checks (
     repository TEXT NOT NULL,
     chunk_id BLOB NOT NULL,
@@ -131,6 +142,43 @@ class Catalog:
         """unverified / verified / damaged, from the latest integrity check of the restore point."""
         latest = self.latest_verification(repository, restore_point, "integrity")
         return latest["state"] if latest else "unverified"
+
+    # transaction logs waiting for verification (log mode after-verify) ---------------------
+
+    def add_pending_prune(
+        self, repository: str, restore_point: str, source: str, writer_type: str, config: dict, metadata: dict
+    ) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO pending_log_prunes(repository, restore_point, source, writer_type, writer_config,"
+                " metadata, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (repository, restore_point, source, writer_type, json.dumps(config), json.dumps(metadata), now_iso()),
+            )
+
+    def pending_prunes(self, repository: str, restore_point: str | None = None) -> list[dict]:
+        sql = (
+            "SELECT id, restore_point, source, writer_type, writer_config, metadata FROM pending_log_prunes"
+            " WHERE repository=? AND done IS NULL"
+        )
+        args: list = [repository]
+        if restore_point:
+            sql += " AND restore_point=?"
+            args.append(restore_point)
+        return [
+            {
+                "id": r[0],
+                "restore_point": r[1],
+                "source": r[2],
+                "writer_type": r[3],
+                "writer_config": json.loads(r[4]),
+                "metadata": json.loads(r[5]),
+            }
+            for r in self._db.execute(sql + " ORDER BY id", args)
+        ]
+
+    def mark_prune_done(self, prune_id: int) -> None:
+        with self._db:
+            self._db.execute("UPDATE pending_log_prunes SET done=? WHERE id=?", (now_iso(), prune_id))
 
     def record_chunk_checks(self, repository: str, chunk_ids: Iterable[bytes]) -> None:
         stamp = now_iso()

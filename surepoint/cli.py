@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from surepoint import __version__
@@ -154,13 +155,35 @@ def init(
 @app.command()
 def backup(
     ctx: typer.Context,
-    sources: Annotated[list[str], typer.Argument(help="Disk image files or block devices (one restore point).")],
+    sources: Annotated[
+        list[str] | None, typer.Argument(help="Disk image files or block devices (one restore point).")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the backed-up system; links incrementals.")] = None,
+    job: Annotated[
+        str | None, typer.Option("--job", help="Job file (TOML) with sources, writers and log policy.")
+    ] = None,
     full: Annotated[bool, typer.Option("--full", help="Ignore the previous restore point.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Back up disk images or block devices as one restore point."""
+    """Back up disk images or block devices as one restore point (application-aware with --job)."""
     c: Context = ctx.obj
+    if bool(job) == bool(sources):
+        raise UsageError("give either SOURCE... or --job FILE")
+    point = _backup_job(c, job) if job else _backup_sources(c, sources or [], name, full)
+    if as_json:
+        _print_json(_point_json(point, "unverified"))
+        return
+    new = sum(d.new_bytes for d in point.disks)
+    stored = sum(d.stored_bytes for d in point.disks)
+    read = sum(d.read_bytes for d in point.disks)
+    out.print(
+        f"restore point [bold]{point.id}[/] of {point.name}: {_human(point.size)} disk, read {_human(read)}, "
+        f"new data {_human(new)} stored as {_human(stored)}, {point.consistency}-consistent, "
+        f"{point.duration_seconds:.1f} s"
+    )
+
+
+def _backup_sources(c: Context, sources: list[str], name: str | None, full: bool) -> RestorePoint:
     repo = c.open_repository()
     catalog = c.catalog()
     disk_sources = []
@@ -174,37 +197,55 @@ def backup(
             sources=disk_sources,
             source_info={"kind": "files", "paths": [os.path.abspath(p) for p in sources]},
             base=base,
+            restore_point_id=repo.new_restore_point_id(),
         )
-        catalog.add_event(repo.id, "backup", "start", "ok", f"backup of {name} started", source=name)
+        catalog.add_event(
+            repo.id, "job", "start", "ok", f"backup of {name}", source=name, restore_point=request.restore_point_id
+        )
         total = sum(s.size for s in disk_sources)
         try:
             with byte_progress(err, f"backup {name}", total) as advance:
                 point = run_backup(repo, request, progress=advance, log=lambda m: err.print(f"  {m}"))
         except SurepointError as exc:
-            catalog.add_event(repo.id, "backup", "finish", "failed", str(exc), source=name)
+            catalog.add_event(
+                repo.id, "job", "finish", "failed", str(exc), source=name, restore_point=request.restore_point_id
+            )
             raise
     finally:
         for s in disk_sources:
             s.close()
     catalog.add_event(
-        repo.id,
-        "backup",
-        "commit",
-        "ok",
-        f"restore point {point.id} committed",
-        restore_point=point.id,
-        source=name,
+        repo.id, "job", "commit", "ok", f"restore point {point.id} committed", restore_point=point.id, source=name
     )
-    if as_json:
-        _print_json(_point_json(point, "unverified"))
-        return
-    new = sum(d.new_bytes for d in point.disks)
-    stored = sum(d.stored_bytes for d in point.disks)
-    read = sum(d.read_bytes for d in point.disks)
-    out.print(
-        f"restore point [bold]{point.id}[/] of {name}: {_human(point.size)} disk, read {_human(read)}, "
-        f"new data {_human(new)} stored as {_human(stored)}, {point.duration_seconds:.1f} s"
-    )
+    return point
+
+
+def _backup_job(c: Context, job_file: str) -> RestorePoint:
+    from surepoint.jobs.config import load_job
+    from surepoint.jobs.host_backup import run_host_job
+
+    job = load_job(job_file)
+    repo = c.open_repository()
+    bars = []
+
+    def progress_factory(total: int):
+        manager = byte_progress(err, f"backup {job.name}", total)
+        bars.append(manager)
+        return manager.__enter__()
+
+    try:
+        result = run_host_job(
+            repo, c.catalog(), job, progress_factory=progress_factory, log=lambda m: err.print(f"  {m}")
+        )
+    finally:
+        for manager in bars:
+            manager.__exit__(None, None, None)
+    if result.outcome.failures:
+        err.print(
+            f"[yellow]warning:[/] {result.restore_point.consistency}-consistent only: "
+            + "; ".join(result.outcome.failures)
+        )
+    return result.restore_point
 
 
 def _point_json(point: RestorePoint, state: str) -> dict:
@@ -331,8 +372,26 @@ def verify(
                 out.print(f"    disk {r.disk} bytes {r.offset}-{r.offset + r.length - 1}: {r.reason}")
         for m in report.damaged_manifests:
             out.print(f"  [red]damaged manifest[/] {m}")
+    _prune_after_verify(c, repo, [p.id for p in report.points if p.state == "verified"])
     if report.damaged:
         raise typer.Exit(EXIT_DAMAGE)
+
+
+def _prune_after_verify(c: Context, repo: Repository, verified: list[str]) -> None:
+    """Log mode after-verify: prune the logs that verified restore points were waiting for."""
+    from surepoint.consistency.logs import run_pending_prunes
+    from surepoint.consistency.runner import HostRunner
+
+    catalog = c.catalog()
+    for point_id in verified:
+        if not catalog.pending_prunes(repo.id, point_id):
+            continue
+
+        def event(component: str, phase: str, outcome: str, message: str = "", point_id: str = point_id) -> None:
+            catalog.add_event(repo.id, component, phase, outcome, message, restore_point=point_id)
+            out.print(f"  {point_id} {component} {phase}: {outcome} {message}")
+
+        run_pending_prunes(catalog, repo.id, point_id, HostRunner(), event)
 
 
 def _parse_since(text: str) -> str:
@@ -434,6 +493,34 @@ def _gc(c: Context, repo: Repository, *, dry_run: bool, as_json: bool, grace: fl
     )
 
 
+writers_app = typer.Typer(help="Application-aware processing: what writers find.", no_args_is_help=True)
+app.add_typer(writers_app, name="writers")
+
+
+@writers_app.command("detect")
+def writers_detect(
+    job: Annotated[str | None, typer.Option("--job", help="Check the writers of this job file.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the applications found on this host (or those a job file configures) and what they store where."""
+    from surepoint.consistency.detect import detect_host_applications, identify_configured
+    from surepoint.consistency.runner import HostRunner
+    from surepoint.jobs.config import load_job
+
+    runner = HostRunner()
+    found = identify_configured(load_job(job).writers, runner) if job else detect_host_applications(runner)
+    if as_json:
+        _print_json(found)
+        return
+    table = Table(title="writers" + (f" of {job}" if job else " found on this host"))
+    for col in ("writer", "status", "components"):
+        table.add_column(col)
+    for item in found:
+        comps = "\n".join(f"{c['kind']} {c['name']}: {', '.join(c['paths'])}" for c in item["components"])
+        table.add_row(item["writer"], item["status"], comps or item.get("message", ""))
+    out.print(table)
+
+
 @app.command()
 def unlock(ctx: typer.Context) -> None:
     """Remove locks left by processes that are gone (this host) or abandoned (other hosts)."""
@@ -482,10 +569,11 @@ def main() -> None:
     try:
         app()
     except DamagedData as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        # escape: messages hold paths, which may contain [brackets]; soft_wrap: one line, never wrapped
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_DAMAGE)
     except SurepointError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

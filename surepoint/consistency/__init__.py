@@ -1,0 +1,1 @@
+"""Application-aware processing: writers that freeze and thaw applications around a snapshot."""

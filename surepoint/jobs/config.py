@@ -1,0 +1,73 @@
+"""Job files (TOML): sources, writers, fallback and transaction-log policy, validated with clear errors."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from surepoint.errors import UsageError
+
+LOG_MODES = ("truncate", "keep", "copy-only", "after-verify")
+FALLBACKS = ("try", "require")
+WRITER_TYPES = ("fsfreeze", "postgresql", "mariadb", "sqlite", "script")
+SNAPSHOTS = ("reflink", "none")
+
+
+@dataclass
+class JobConfig:
+    name: str
+    sources: list[str]
+    writers: list[dict] = field(default_factory=list)
+    fallback: str = "try"
+    logs: str = "truncate"
+    freeze_timeout: float = 20.0
+    snapshot: str = "reflink"
+    path: str = ""
+
+
+def load_job(path: str) -> JobConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"job file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
+    return parse_job(raw, path)
+
+
+def parse_job(raw: dict, path: str = "<job>") -> JobConfig:
+    def bad(msg: str) -> UsageError:
+        return UsageError(f"{path}: {msg}")
+
+    known = {"name", "sources", "writers", "fallback", "logs", "freeze_timeout", "snapshot"}
+    unknown = set(raw) - known
+    if unknown:
+        raise bad(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    sources = raw.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+        raise bad('`sources` must be a non-empty list of image or device paths, e.g. sources = ["/srv/db.img"]')
+    name = raw.get("name") or os.path.basename(sources[0])
+    if not isinstance(name, str):
+        raise bad("`name` must be a string")
+    fallback = raw.get("fallback", "try")
+    if fallback not in FALLBACKS:
+        raise bad(f"`fallback` must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
+    logs = raw.get("logs", "truncate")
+    if logs not in LOG_MODES:
+        raise bad(f"`logs` must be one of {', '.join(LOG_MODES)}, not {logs!r}")
+    snapshot = raw.get("snapshot", "reflink")
+    if snapshot not in SNAPSHOTS:
+        raise bad(f"`snapshot` must be one of {', '.join(SNAPSHOTS)}, not {snapshot!r}")
+    timeout = raw.get("freeze_timeout", 20)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        raise bad("`freeze_timeout` must be a positive number of seconds")
+    writers = raw.get("writers", [])
+    if not isinstance(writers, list):
+        raise bad('`writers` must be an array of tables: [[writers]] type = "postgresql" ...')
+    for i, writer in enumerate(writers):
+        if not isinstance(writer, dict) or writer.get("type") not in WRITER_TYPES:
+            got = writer.get("type") if isinstance(writer, dict) else writer
+            raise bad(f"writer {i + 1}: `type` must be one of {', '.join(WRITER_TYPES)}, not {got!r}")
+    return JobConfig(name, list(sources), writers, fallback, logs, float(timeout), snapshot, path)
