@@ -1,0 +1,1 @@
+"""Backing up running KVM/QEMU VMs: QMP, the guest agent, a userspace NBD client, point-in-time views."""
