@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -84,6 +85,7 @@ class Catalog:
         self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._write_lock = threading.Lock()  # one connection shared by a job's threads
 
     def close(self) -> None:
         self._db.close()
@@ -101,7 +103,7 @@ class Catalog:
         restore_point: str | None = None,
         source: str | None = None,
     ) -> None:
-        with self._db:
+        with self._write_lock, self._db:
             self._db.execute(
                 "INSERT INTO events(time, repository, restore_point, source, component, phase, outcome, message)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -121,7 +123,7 @@ class Catalog:
     # verification -----------------------------------------------------------------------------
 
     def record_verification(self, repository: str, restore_point: str, kind: str, state: str, details: dict) -> None:
-        with self._db:
+        with self._write_lock, self._db:
             self._db.execute(
                 "INSERT INTO verifications(repository, restore_point, time, kind, state, details)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -148,7 +150,7 @@ class Catalog:
     def add_pending_prune(
         self, repository: str, restore_point: str, source: str, writer_type: str, config: dict, metadata: dict
     ) -> None:
-        with self._db:
+        with self._write_lock, self._db:
             self._db.execute(
                 "INSERT INTO pending_log_prunes(repository, restore_point, source, writer_type, writer_config,"
                 " metadata, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -177,19 +179,19 @@ class Catalog:
         ]
 
     def mark_prune_done(self, prune_id: int) -> None:
-        with self._db:
+        with self._write_lock, self._db:
             self._db.execute("UPDATE pending_log_prunes SET done=? WHERE id=?", (now_iso(), prune_id))
 
     def record_chunk_checks(self, repository: str, chunk_ids: Iterable[bytes]) -> None:
         stamp = now_iso()
-        with self._db:
+        with self._write_lock, self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO chunk_checks(repository, chunk_id, checked_at) VALUES (?, ?, ?)",
                 ((repository, cid, stamp) for cid in chunk_ids),
             )
 
     def forget_chunk_checks(self, repository: str, chunk_ids: Iterable[bytes]) -> None:
-        with self._db:
+        with self._write_lock, self._db:
             self._db.executemany(
                 "DELETE FROM chunk_checks WHERE repository=? AND chunk_id=?",
                 ((repository, cid) for cid in chunk_ids),

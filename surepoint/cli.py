@@ -163,10 +163,23 @@ def backup(
         str | None, typer.Option("--job", help="Job file (TOML) with sources, writers and log policy.")
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Ignore the previous restore point.")] = False,
+    parallel: Annotated[int, typer.Option(help="VMs backed up at once (backup vm ...).", min=1)] = 2,
+    inventory: Annotated[
+        str | None, typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory file (TOML).")
+    ] = None,
+    fallback: Annotated[str, typer.Option(help="try: fall back to crash consistency; require: fail.")] = "try",
+    quiesce: Annotated[bool, typer.Option(help="Freeze guest filesystems through the guest agent.")] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Back up disk images or block devices as one restore point (application-aware with --job)."""
+    """Back up disk images or block devices as one restore point (application-aware with --job).
+
+    `surepoint backup vm NAME...` backs up running QEMU VMs (found by name from their QEMU
+    processes or --inventory), several in parallel.
+    """
     c: Context = ctx.obj
+    if sources and sources[0] == "vm":
+        _backup_vms(c, sources[1:], parallel, inventory, fallback, quiesce, full, as_json)
+        return
     if bool(job) == bool(sources):
         raise UsageError("give either SOURCE... or --job FILE")
     point = _backup_job(c, job) if job else _backup_sources(c, sources or [], name, full)
@@ -218,6 +231,74 @@ def _backup_sources(c: Context, sources: list[str], name: str | None, full: bool
         repo.id, "job", "commit", "ok", f"restore point {point.id} committed", restore_point=point.id, source=name
     )
     return point
+
+
+def _backup_vms(
+    c: Context,
+    names: list[str],
+    parallel: int,
+    inventory: str | None,
+    fallback: str,
+    quiesce: bool,
+    full: bool,
+    as_json: bool,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surepoint.jobs.vm_backup import VmJobOptions, backup_vm
+    from surepoint.vm.inventory import find_vm
+
+    if not names:
+        raise UsageError("name at least one VM: surepoint backup vm NAME...")
+    if fallback not in ("try", "require"):
+        raise UsageError("--fallback must be try or require")
+    repo = c.open_repository()
+    catalog = c.catalog()
+    options = VmJobOptions(fallback=fallback, quiesce=quiesce, full=full)
+
+    def one(name: str) -> dict:
+        try:
+            vm = find_vm(name, inventory)
+            result = backup_vm(repo, catalog, vm, options, log=lambda m: err.print(f"  {m}"))
+        except SurepointError as exc:
+            return {"vm": name, "status": "failed", "error": str(exc)}
+        point = result.restore_point
+        return {
+            "vm": name,
+            "status": "warning" if result.outcome.failures else "ok",
+            "restore_point": point.id,
+            "consistency": point.consistency,
+            "cbt": result.cbt,
+            "read_bytes": sum(d.read_bytes for d in point.disks),
+            "stored_bytes": sum(d.stored_bytes for d in point.disks),
+            "size": point.size,
+            "duration_seconds": point.duration_seconds,
+            "notes": result.notes + result.outcome.failures,
+        }
+
+    with ThreadPoolExecutor(min(parallel, len(names))) as pool:
+        results = list(pool.map(one, names))
+    if as_json:
+        _print_json({"vms": results})
+    else:
+        table = Table(title="VM backup")
+        for col in ("vm", "status", "restore point", "consistency", "read", "stored", "notes"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(
+                r["vm"],
+                r["status"],
+                r.get("restore_point", ""),
+                r.get("consistency", ""),
+                _human(r["read_bytes"]) if "read_bytes" in r else "",
+                _human(r["stored_bytes"]) if "stored_bytes" in r else "",
+                r.get("error") or "; ".join([r.get("cbt", "")] + r.get("notes", [])),
+            )
+        out.print(table)
+    failed = [r["vm"] for r in results if r["status"] == "failed"]
+    if failed:
+        err.print(f"[red]error:[/] backup failed for {', '.join(failed)}")
+        raise typer.Exit(1)
 
 
 def _backup_job(c: Context, job_file: str) -> RestorePoint:
@@ -491,6 +572,67 @@ def _gc(c: Context, repo: Repository, *, dry_run: bool, as_json: bool, grace: fl
         f"orphaned indexes, {result.removed_temporary} temporary files; {result.referenced_chunks} chunks in use, "
         f"{result.kept_recent_chunks} recent unreferenced chunks kept for running or recent backups"
     )
+
+
+vm_app = typer.Typer(help="Virtual machines: find them, restore them.", no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+
+
+@vm_app.command("list")
+def vm_list(
+    inventory: Annotated[
+        str | None, typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory file (TOML).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """VMs that can be backed up: running QEMU processes with a QMP socket, and the inventory file."""
+    from surepoint.vm.inventory import load_inventory, running_vms
+
+    vms = (load_inventory(inventory) if inventory else []) + running_vms()
+    if as_json:
+        _print_json([{"name": v.name, "qmp": v.qmp, "guest_agent": v.guest_agent, "pid": v.pid} for v in vms])
+        return
+    table = Table(title="virtual machines")
+    for col in ("name", "pid", "QMP socket", "guest agent socket"):
+        table.add_column(col)
+    for v in vms:
+        table.add_row(v.name, str(v.pid or ""), v.qmp, v.guest_agent or "(none)")
+    out.print(table)
+
+
+@vm_app.command("restore")
+def vm_restore(
+    ctx: typer.Context,
+    restore_point: Annotated[str, typer.Argument(help="Id, id prefix, or NAME:latest of a VM restore point.")],
+    to: Annotated[str, typer.Option("--to", help="Directory for the VM's disks and its start script.")],
+    disk_format: Annotated[str, typer.Option("--format", help="qcow2 or raw.")] = "qcow2",
+    start: Annotated[bool, typer.Option("--start", help="Boot it and wait for the guest agent.")] = False,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest agent.")] = 300,
+    as_json: JsonOption = False,
+) -> None:
+    """Recreate a VM from a restore point: its disks and its QEMU command line; optionally boot it."""
+    from surepoint.jobs.vm_restore import restore_vm
+
+    c: Context = ctx.obj
+    repo = c.open_repository()
+    point = repo.resolve(restore_point)
+    result = restore_vm(
+        repo,
+        point,
+        to,
+        disk_format=disk_format,
+        start=start,
+        boot_timeout=boot_timeout,
+        log=lambda m: err.print(f"  {m}"),
+    )
+    c.catalog().add_event(repo.id, "restore", "vm", "ok", f"VM restored to {to}", restore_point=point.id)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"restored VM {point.name} from {point.id} into {to}: {', '.join(result['disks'])}")
+    out.print(f"start it with: {result['start_script']}")
+    if start:
+        out.print(f"booted (pid {result['pid']}); guest agent answered after {result['boot_seconds']:.1f} s")
 
 
 writers_app = typer.Typer(help="Application-aware processing: what writers find.", no_args_is_help=True)

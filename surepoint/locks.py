@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
-from surepoint.errors import RepositoryLocked
+from surepoint.errors import RepositoryLocked, SurepointError
 from surepoint.storage.backend import Backend, ObjectNotFound
 
 LOCK_PREFIX = "locks/"
@@ -33,6 +33,7 @@ CONFLICTS: dict[str, set[str]] = {
     "gc": {"gc", "exclusive"},
     "exclusive": {"backup", "restore", "verify", "forget", "gc", "exclusive"},
 }
+READ_ONLY_KINDS = {"restore", "verify"}  # jobs that only read the repository
 
 
 @dataclass
@@ -97,16 +98,28 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
     now = time.time()
     record = LockRecord(secrets.token_hex(8), kind, socket.gethostname(), os.getpid(), now, now)
     name = LOCK_PREFIX + record.id
-    backend.put(name, json.dumps(asdict(record)).encode())
+    try:
+        backend.put(name, json.dumps(asdict(record)).encode())
+        held = True
+    except SurepointError:
+        # A full or read-only repository can still be read: a reading job checks for conflicts
+        # and runs without a lock object of its own.
+        if kind not in READ_ONLY_KINDS:
+            raise
+        held = False
     # Write first, then look: of two processes racing, at least one sees the other and backs off.
     for other in read_locks(backend):
         if other.id == record.id or other.kind not in CONFLICTS[kind] or is_stale(other):
             continue
-        backend.delete(name)
+        if held:
+            backend.delete(name)
         raise RepositoryLocked(
             f"repository is locked ({other.describe()}); wait for it to finish, "
             "or run `surepoint unlock` if that process is gone"
         )
+    if not held:
+        yield record
+        return
     stop = threading.Event()
 
     def refresh() -> None:

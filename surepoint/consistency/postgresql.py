@@ -16,6 +16,7 @@ from surepoint.consistency.writer import Component, PruneReport, Writer
 
 _markers = itertools.count(1)
 START_WAL = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
+_SERVER_MESSAGE = re.compile(r"(NOTICE|WARNING|INFO|LOG|DEBUG\d?|DETAIL|HINT|CONTEXT):  ")
 
 
 class PostgresWriter(Writer):
@@ -45,7 +46,9 @@ class PostgresWriter(Writer):
         for line in out.splitlines():
             if line.startswith(("ERROR:", "FATAL:", "psql:")):
                 raise CommandFailed(f"PostgreSQL: {line}")
-        return [line.split("|") for line in out.splitlines() if line.strip()]
+        # stderr shares the pipe: server messages (pg_backup_stop's NOTICE that the WAL is archived,
+        # WARNINGs while it waits) are not result rows.
+        return [line.split("|") for line in out.splitlines() if line.strip() and not _SERVER_MESSAGE.match(line)]
 
     def identify(self) -> list[Component]:
         self._session: Session = self.runner.open_session(
@@ -122,7 +125,7 @@ class PostgresWriter(Writer):
         tool = self._archivecleanup(metadata.get("server_version_num", ""))
         listing = self.runner.run(self._argv(tool, "-n", archive, start), timeout=120).check()
         self.runner.run(self._argv(tool, archive, start), timeout=300).check()
-        pruned = [line.rsplit("/", 1)[-1] for line in listing.stdout.splitlines() if line.strip()]
+        pruned = sorted(line.rsplit("/", 1)[-1] for line in listing.stdout.splitlines() if line.strip())
         return PruneReport(pruned=pruned, kept_from=start)
 
     def _archivecleanup(self, version_num: str) -> str:

@@ -35,6 +35,11 @@ class CommandResult:
         return self
 
 
+def one_line(text: str) -> str:
+    """Collapse a command's multi-line output (psql's error plus its indented hint) into one line."""
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
 class Session(Protocol):
     """A long-lived process (psql, mysql, sqlite3) fed requests one at a time; it holds locks between them."""
 
@@ -80,8 +85,7 @@ class HostSession:
             self._proc.stdin.write(text.encode())
             self._proc.stdin.flush()
         except BrokenPipeError:
-            out = self._buffer.decode(errors="replace").strip()
-            raise CommandFailed(f"{self.argv[0]} session ended: {out[-300:]}") from None
+            raise CommandFailed(f"{self.argv[0]} session ended: {self._final_output()}") from None
         deadline = time.monotonic() + timeout
         want = marker.encode()
         with selectors.DefaultSelector() as sel:
@@ -96,11 +100,18 @@ class HostSession:
                         self._buffer += data
                         continue
                 if self._proc.poll() is not None and want not in self._buffer:
-                    out = self._buffer.decode(errors="replace").strip()
-                    raise CommandFailed(f"{self.argv[0]} session ended: {out[-300:]}")
+                    raise CommandFailed(f"{self.argv[0]} session ended: {self._final_output()}")
         before, _, after = self._buffer.partition(want)
         self._buffer = after.lstrip(b"\n")
         return before.decode(errors="replace")
+
+    def _final_output(self) -> str:
+        """What the ended process said last, on one line (error messages are shown as one line)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+        with contextlib.suppress(OSError, TypeError):
+            self._buffer += self._proc.stdout.read() or b""
+        return one_line(self._buffer.decode(errors="replace"))[-300:]
 
     def close(self, timeout: float = 10) -> int:
         with contextlib.suppress(OSError):

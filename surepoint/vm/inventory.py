@@ -105,7 +105,7 @@ def load_inventory(path: str) -> list[VmInfo]:
     vms = []
     for name, entry in (raw.get("vm") or {}).items():
         if not isinstance(entry, dict) or not isinstance(entry.get("qmp"), str):
-            raise UsageError(f"{path}: [vm.{name}] needs qmp = \"/path/to/qmp.sock\"")
+            raise UsageError(f'{path}: [vm.{name}] needs qmp = "/path/to/qmp.sock"')
         vms.append(VmInfo(name, entry["qmp"], entry.get("guest_agent")))
     return vms
 
