@@ -6,6 +6,7 @@ holds what happened to them (jobs, phases, verification). Losing it loses histor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -83,6 +84,8 @@ class Catalog:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o600)  # job settings waiting for after-verify may include credentials
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._write_lock = threading.Lock()  # one connection shared by a job's threads

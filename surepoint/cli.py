@@ -39,7 +39,7 @@ app = typer.Typer(
 )
 # Wide tables when piped, so ids and dates are never cut short in logs.
 out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
 
 RepoOption = Annotated[
     str | None,

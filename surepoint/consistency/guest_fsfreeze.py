@@ -16,6 +16,12 @@ class GuestFsFreezeWriter(Writer):
         super().__init__(None, config)  # type: ignore[arg-type]  # talks to the agent, not a runner
         self.agent = agent
         self._frozen = False
+        self.error: str | None = None  # why the last freeze failed
+
+    @property
+    def frozen(self) -> bool:
+        """True between a freeze that succeeded and the thaw."""
+        return self._frozen
 
     def identify(self) -> list[Component]:
         try:
@@ -28,7 +34,8 @@ class GuestFsFreezeWriter(Writer):
         try:
             count = self.agent.fsfreeze_freeze(timeout=float(self.config.get("timeout", 30)))
         except GuestAgentError as exc:
-            raise CommandFailed(f"guest fsfreeze failed: {exc}") from None
+            self.error = f"guest fsfreeze failed: {exc}"
+            raise CommandFailed(self.error) from None
         self._frozen = True
         self.metadata["frozen_filesystems"] = count
 

@@ -55,6 +55,7 @@ class PostgresWriter(Writer):
             self._argv(
                 "psql",
                 "-X",
+                "-w",  # never prompt for a password on the terminal: fail at once
                 "-q",
                 "-A",
                 "-t",

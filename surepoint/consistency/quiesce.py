@@ -93,9 +93,6 @@ class Quiescer:
         """Freeze the live writers (applications first, filesystems last), take the snapshot, thaw."""
         order = sorted(self._live(), key=lambda w: w.level != "application")
         frozen: list[Writer] = []
-        for writer in order:
-            if self._phase(writer, "freeze", writer.freeze):
-                frozen.append(writer)
         started = time.monotonic()
         thawed = threading.Event()
         timed_out = threading.Event()
@@ -116,9 +113,21 @@ class Quiescer:
                 timed_out.set()
                 thaw_all(f"freeze: snapshot not taken within {self.freeze_timeout:.0f} s, thawed by timeout")
 
+        # The watchdog starts before the first freeze: waiting for a lock counts as frozen time too.
         timer = threading.Thread(target=watchdog, name="freeze-watchdog", daemon=True)
         timer.start()
         try:
+            for writer in order:
+                if thawed.is_set():
+                    break
+                if self._phase(writer, "freeze", writer.freeze):
+                    with thaw_lock:
+                        frozen.append(writer)
+                        late = thawed.is_set()
+                    if late:  # the watchdog fired while this writer was freezing
+                        self._phase(writer, "thaw", writer.thaw)
+                        self._failed.setdefault(writer.name, "freeze: finished after the freeze timeout")
+            # After a timeout the snapshot is still taken, at the level the failures leave (policy decides).
             result = take()
         finally:
             thaw_all("")
