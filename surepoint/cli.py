@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from surepoint import __version__
 from surepoint.backup import BackupRequest, run_backup
@@ -38,8 +38,18 @@ app = typer.Typer(
     add_completion=False,
 )
 # Wide tables when piped, so ids and dates are never cut short in logs.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
+# No markup: names, paths and messages come from users and guests and are printed as they are.
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True, markup=False, highlight=False)
+
+
+def _say_error(message: str) -> None:
+    err.print(Text.assemble(("error:", "red"), " ", message))
+
+
+def _say_warning(message: str) -> None:
+    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+
 
 RepoOption = Annotated[
     str | None,
@@ -190,7 +200,7 @@ def backup(
     stored = sum(d.stored_bytes for d in point.disks)
     read = sum(d.read_bytes for d in point.disks)
     out.print(
-        f"restore point [bold]{point.id}[/] of {point.name}: {_human(point.size)} disk, read {_human(read)}, "
+        f"restore point {point.id} of {point.name}: {_human(point.size)} disk, read {_human(read)}, "
         f"new data {_human(new)} stored as {_human(stored)}, {point.consistency}-consistent, "
         f"{point.duration_seconds:.1f} s"
     )
@@ -297,7 +307,7 @@ def _backup_vms(
         out.print(table)
     failed = [r["vm"] for r in results if r["status"] == "failed"]
     if failed:
-        err.print(f"[red]error:[/] backup failed for {', '.join(failed)}")
+        _say_error(f"backup failed for {', '.join(failed)}")
         raise typer.Exit(1)
 
 
@@ -322,10 +332,7 @@ def _backup_job(c: Context, job_file: str) -> RestorePoint:
         for manager in bars:
             manager.__exit__(None, None, None)
     if result.outcome.failures:
-        err.print(
-            f"[yellow]warning:[/] {result.restore_point.consistency}-consistent only: "
-            + "; ".join(result.outcome.failures)
-        )
+        _say_warning(f"{result.restore_point.consistency}-consistent only: " + "; ".join(result.outcome.failures))
     return result.restore_point
 
 
@@ -372,7 +379,7 @@ def list_points(
         )
     out.print(table)
     for m in repo.damaged_manifests:
-        err.print(f"[red]damaged manifest[/] {m}: run `surepoint verify`")
+        _say_error(f"damaged manifest {m}: run `surepoint verify`")
 
 
 @app.command()
@@ -448,11 +455,11 @@ def verify(
         )
         for p in report.points:
             colour = {"verified": "green", "damaged": "red"}.get(p.state, "yellow")
-            out.print(f"  {p.id} {p.name}: [{colour}]{p.state}[/]")
+            out.print(Text.assemble(f"  {p.id} {p.name}: ", (p.state, colour)))
             for r in p.damaged:
                 out.print(f"    disk {r.disk} bytes {r.offset}-{r.offset + r.length - 1}: {r.reason}")
         for m in report.damaged_manifests:
-            out.print(f"  [red]damaged manifest[/] {m}")
+            out.print(Text.assemble("  ", ("damaged manifest", "red"), f" {m}"))
     _prune_after_verify(c, repo, [p.id for p in report.points if p.state == "verified"])
     if report.damaged:
         raise typer.Exit(EXIT_DAMAGE)
@@ -712,10 +719,10 @@ def main() -> None:
         app()
     except DamagedData as exc:
         # escape: messages hold paths, which may contain [brackets]; soft_wrap: one line, never wrapped
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _say_error(str(exc))
         sys.exit(EXIT_DAMAGE)
     except SurepointError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _say_error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

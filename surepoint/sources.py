@@ -57,7 +57,8 @@ class FileDiskSource:
         mode = os.fstat(self._fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             os.close(self._fd)
-            raise SourceError(f"source {path!r} is not a regular file or block device")
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file or block device"
+            raise SourceError(f"source {path!r} is {what}: give a disk image file or a block device")
         self.is_block_device = stat.S_ISBLK(mode)
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
 
