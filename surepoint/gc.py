@@ -11,6 +11,7 @@ its mtime again: a chunk touched meanwhile goes back.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from surepoint.storage.backend import ObjectNotFound
 
 MARGIN_SECONDS = 300
 TRASH_PREFIX = "trash/"
+TEMPORARY_MIN_AGE = 3600
 
 
 @dataclass
@@ -121,14 +123,31 @@ def collect_garbage(
 
         list_temporary = getattr(backend, "list_temporary", None)
         if list_temporary is not None:
+            # A temporary file is live for the seconds its write takes; an hour old means its writer died.
+            temporary_cutoff = min(cutoff, started - TEMPORARY_MIN_AGE)
             for info in list(list_temporary()):
-                if info.mtime < cutoff:
+                writer_gone = _temporary_writer_gone(info.name)
+                if info.mtime < temporary_cutoff or (writer_gone and info.mtime < cutoff):
                     result.removed_temporary += 1
                     if not dry_run:
                         _delete_quietly(backend, info.name)
         if not dry_run:
             backend.sync()
     return result
+
+
+def _temporary_writer_gone(name: str) -> bool:
+    """Temporary names end in .<pid>.<thread>.tmp (storage/local.py): is that process gone from this host?"""
+    parts = name.rsplit(".", 3)
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _rename_back(backend, trash_name: str, name: str) -> None:
