@@ -713,6 +713,15 @@ def events(
     out.print(table)
 
 
+def _register_command_modules() -> None:
+    from surepoint.commands import mount
+
+    mount.register(app)
+
+
+_register_command_modules()
+
+
 def main() -> None:
     """Entry point: run the app and turn errors a user can cause into one line and an exit code."""
     try:
