@@ -142,7 +142,7 @@ class Surepoint(Tool):
         self.cmd = cmd
         self.name = "surepoint" if encryption != "none" else "surepoint-noenc"
         self.encrypted = encryption != "none"
-        self.compression = "surepoint default (zstd level 3, 4 MiB fixed chunks)"
+        self.compression = "surepoint default (zstd level 3, 1 MiB fixed chunks)"
         self.init_creates_repo = True
         self.description = f"surepoint, --encryption {encryption}"
 
@@ -220,7 +220,7 @@ class Borg(Tool):
         self.compression = "zstd,3"
         self.init_creates_repo = True
         self.description = "borg, repokey (AES-256-CTR+HMAC-SHA256), --compression zstd,3, " + (
-            "--chunker-params fixed,4194304 --sparse" if fixed else "default buzhash chunker"
+            "--chunker-params fixed,1048576 --sparse" if fixed else "default buzhash chunker"
         )
 
     def env(self, d: Dirs) -> dict[str, str]:
@@ -241,7 +241,7 @@ class Borg(Tool):
         return [Cmd(["borg", "init", "-e", "repokey", str(d.repo)])]
 
     def _create(self, d: Dirs, archive: str) -> Cmd:
-        extra = ["--chunker-params", "fixed,4194304", "--sparse"] if self.fixed else []
+        extra = ["--chunker-params", "fixed,1048576", "--sparse"] if self.fixed else []
         # relative source path: the archive holds "src/disk.img", same for both archives
         return Cmd(
             ["borg", "create", "--compression", "zstd,3", *extra, f"{d.repo}::{archive}", "src/disk.img"], cwd=d.base
