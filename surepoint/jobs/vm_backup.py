@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from surepoint.backup import BackupRequest, run_backup
 from surepoint.catalog import Catalog
 from surepoint.consistency.guest_fsfreeze import GuestFsFreezeWriter
-from surepoint.consistency.quiesce import QuiesceOutcome, Quiescer
+from surepoint.consistency.quiesce import ConsistencyRequired, QuiesceOutcome, Quiescer
 from surepoint.manifest import RestorePoint
 from surepoint.repository import Repository
 from surepoint.vm.errors import GuestAgentError, QmpError, VmError
@@ -124,20 +124,26 @@ def backup_vm(
             new_bitmap = BITMAP_PREFIX + rp_id
             _remove_stale_bitmaps(qmp, devices, {base_bitmap} if base_bitmap else set())
 
-            writers = []
+            writers: list[GuestFsFreezeWriter] = []
+            not_quiesced = ""
             if options.quiesce:
+                why = "the VM has no guest-agent channel"
                 if vm.guest_agent:
                     try:
                         agent = GuestAgent(vm.guest_agent, timeout=10)
                     except GuestAgentError as exc:
-                        event("guest-fsfreeze", "identify", "failed", f"guest agent unavailable: {exc}")
+                        why = f"guest agent unavailable: {exc}"
+                        event("guest-fsfreeze", "identify", "failed", why)
                 if agent is not None:
                     writers.append(GuestFsFreezeWriter(agent, {"timeout": options.freeze_timeout}))
                 elif options.fallback == "require":
-                    from surepoint.consistency.quiesce import ConsistencyRequired
-
                     raise ConsistencyRequired(
-                        f"VM {vm.name} has no reachable guest agent and the job requires quiescing"
+                        f"VM {vm.name}: cannot freeze the guest's filesystems ({why}) and --fallback require "
+                        "forbids a crash-consistent backup"
+                    )
+                else:  # reported like a failed freeze: the job asked for a quiesced backup and got less
+                    not_quiesced = (
+                        f"guest-fsfreeze identify: guest filesystems not frozen ({why}): crash-consistent only"
                     )
             quiescer = Quiescer(writers, fallback=options.fallback, freeze_timeout=options.freeze_timeout, events=event)
             quiescer.prepare()
@@ -148,8 +154,22 @@ def backup_vm(
                 new_bitmap=new_bitmap,
                 retire_base_bitmap=True,
             )
+
+            def take() -> None:
+                # The quiescer only enforces "require" for application writers; the guest freeze is
+                # this job's whole consistency, so a failed freeze fails the job before any view exists.
+                if options.fallback == "require" and any(not w.frozen for w in writers):
+                    reason = "; ".join(w.error or "the guest agent did not answer" for w in writers if not w.frozen)
+                    raise ConsistencyRequired(
+                        f"VM {vm.name}: could not freeze the guest's filesystems ({reason}) and --fallback require "
+                        "forbids a crash-consistent backup"
+                    )
+                view.start()
+
             try:
-                _, outcome = quiescer.snapshot(view.start)
+                _, outcome = quiescer.snapshot(take)
+                if not_quiesced:
+                    outcome.failures.insert(0, not_quiesced)
                 event(
                     "job",
                     "snapshot",

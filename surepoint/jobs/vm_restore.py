@@ -15,6 +15,7 @@ from surepoint.repository import Repository
 from surepoint.restore import restore_disk
 from surepoint.vm.errors import GuestAgentError
 from surepoint.vm.guest_agent import GuestAgent
+from surepoint.vm.inventory import parse_command_line
 
 
 def _replace_option(arg: str, key: str, value: str) -> str:
@@ -137,9 +138,9 @@ def restore_vm(
 
 
 def _boot(argv: list[str], workdir: str, timeout: float) -> dict:
-    agent_socket = next(
-        (os.path.join(workdir, f"{p[3:]}.sock") for a in argv for p in a.split(",") if p.startswith("id=qga")), None
-    )
+    # the chardev bound to the guest-agent port, whatever its id (rewritten to a socket in workdir)
+    info = parse_command_line(argv)
+    agent_socket = info.guest_agent if info else None
     started = time.monotonic()
     with open(os.path.join(workdir, "qemu.log"), "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)

@@ -53,6 +53,7 @@ class TestVm:
     proc: subprocess.Popen | None = None
     boot_seconds: float = 0.0
     disks: dict[str, Path] = field(default_factory=dict)
+    name: str = "surepoint-test"  # QEMU -name: how `surepoint backup vm NAME` finds it
 
     @property
     def qmp_path(self) -> str:
@@ -72,12 +73,18 @@ class TestVm:
     def agent(self, timeout: float = 30.0) -> GuestAgent:
         return GuestAgent(self.qga_path, timeout=timeout)
 
+    def run(self, argv: list[str], timeout: float = 120.0) -> bytes:
+        """Run a program in the guest on a connection of its own (closed at once: the agent's channel
+        takes one client at a time, and the backup under test needs it); its stdout, or raise."""
+        with self.agent(timeout=max(30.0, timeout)) as ga:
+            return ga.exec(argv, timeout=timeout, check=True).stdout
+
     def command(self) -> list[str]:
         cache = vm_cache()
         cmd = [
             "qemu-system-x86_64",
             "-name",
-            "surepoint-test",
+            self.name,
             "-machine",
             "q35",
             "-accel",
@@ -206,7 +213,8 @@ def test_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestVm]:
     disks = {"root": workdir / "root.qcow2", "data": workdir / "data.qcow2"}
     make_overlay(cache / "root.qcow2", disks["root"])
     make_overlay(cache / "data.qcow2", disks["data"])
-    vm = TestVm(workdir=workdir, accel=choose_accel(), disks=disks)
+    # a name of its own, so that `surepoint backup vm NAME` never finds a test VM of another session
+    vm = TestVm(workdir=workdir, accel=choose_accel(), disks=disks, name=f"surepoint-test-{os.getpid()}")
     try:
         try:
             vm.start(timeout=180 if vm.accel == "kvm" else 600)
@@ -230,3 +238,15 @@ def agent(test_vm: TestVm) -> Iterator[GuestAgent]:
 def qmp(test_vm: TestVm) -> Iterator[QmpConnection]:
     with test_vm.qmp() as conn:
         yield conn
+
+
+@pytest.fixture()
+def no_surepoint_bitmaps(test_vm: TestVm) -> Iterator[None]:
+    """After the test, remove the dirty bitmaps `surepoint backup vm` left on the test VM's disks, so
+    that the tests that look at the disks' bitmaps do not depend on which test ran before."""
+    yield
+    with test_vm.qmp() as conn:
+        for node in conn.query_named_block_nodes():
+            for bitmap in node.get("dirty-bitmaps", []):
+                if node["node-name"] in test_vm.disks and bitmap["name"].startswith("surepoint-"):
+                    conn.execute("block-dirty-bitmap-remove", node=node["node-name"], name=bitmap["name"])
