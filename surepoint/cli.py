@@ -179,6 +179,7 @@ def backup(
     ] = None,
     fallback: Annotated[str, typer.Option(help="try: fall back to crash consistency; require: fail.")] = "try",
     quiesce: Annotated[bool, typer.Option(help="Freeze guest filesystems through the guest agent.")] = True,
+    freeze_timeout: Annotated[float, typer.Option(help="Seconds the guest may stay frozen.", min=1)] = 20.0,
     as_json: JsonOption = False,
 ) -> None:
     """Back up disk images or block devices as one restore point (application-aware with --job).
@@ -188,7 +189,7 @@ def backup(
     """
     c: Context = ctx.obj
     if sources and sources[0] == "vm":
-        _backup_vms(c, sources[1:], parallel, inventory, fallback, quiesce, full, as_json)
+        _backup_vms(c, sources[1:], parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout)
         return
     if bool(job) == bool(sources):
         raise UsageError("give either SOURCE... or --job FILE")
@@ -252,6 +253,7 @@ def _backup_vms(
     quiesce: bool,
     full: bool,
     as_json: bool,
+    freeze_timeout: float = 20.0,
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -264,7 +266,7 @@ def _backup_vms(
         raise UsageError("--fallback must be try or require")
     repo = c.open_repository()
     catalog = c.catalog()
-    options = VmJobOptions(fallback=fallback, quiesce=quiesce, full=full)
+    options = VmJobOptions(fallback=fallback, quiesce=quiesce, full=full, freeze_timeout=freeze_timeout)
 
     def one(name: str) -> dict:
         try:
@@ -305,10 +307,23 @@ def _backup_vms(
                 r.get("error") or "; ".join([r.get("cbt", "")] + r.get("notes", [])),
             )
         out.print(table)
-    failed = [r["vm"] for r in results if r["status"] == "failed"]
+    failed = [r for r in results if r["status"] == "failed"]
+    for r in failed:
+        _say_error(f"backup of VM {r['vm']} failed: {r['error']}")
     if failed:
-        _say_error(f"backup failed for {', '.join(failed)}")
         raise typer.Exit(1)
+
+
+def _backup_vm_job(c: Context, repo: Repository, job) -> RestorePoint:
+    from surepoint.jobs.vm_backup import VmJobOptions, backup_vm
+    from surepoint.vm.inventory import find_vm
+
+    options = VmJobOptions(fallback=job.fallback, freeze_timeout=job.freeze_timeout, writers=job.writers, logs=job.logs)
+    vm = find_vm(job.vm, os.environ.get("SUREPOINT_VM_INVENTORY"))
+    result = backup_vm(repo, c.catalog(), vm, options, log=lambda m: err.print(f"  {m}"))
+    if result.outcome.failures:
+        _say_warning(f"{result.restore_point.consistency}-consistent only: " + "; ".join(result.outcome.failures))
+    return result.restore_point
 
 
 def _backup_job(c: Context, job_file: str) -> RestorePoint:
@@ -317,6 +332,8 @@ def _backup_job(c: Context, job_file: str) -> RestorePoint:
 
     job = load_job(job_file)
     repo = c.open_repository()
+    if job.vm:
+        return _backup_vm_job(c, repo, job)
     bars = []
 
     def progress_factory(total: int):

@@ -24,6 +24,7 @@ class JobConfig:
     freeze_timeout: float = 20.0
     snapshot: str = "reflink"
     path: str = ""
+    vm: str | None = None  # a running VM instead of sources: writers then run inside the guest
 
 
 def load_job(path: str) -> JobConfig:
@@ -41,14 +42,20 @@ def parse_job(raw: dict, path: str = "<job>") -> JobConfig:
     def bad(msg: str) -> UsageError:
         return UsageError(f"{path}: {msg}")
 
-    known = {"name", "sources", "writers", "fallback", "logs", "freeze_timeout", "snapshot"}
+    known = {"name", "sources", "vm", "writers", "fallback", "logs", "freeze_timeout", "snapshot"}
     unknown = set(raw) - known
     if unknown:
         raise bad(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    sources = raw.get("sources")
-    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
+    vm = raw.get("vm")
+    sources = raw.get("sources", [])
+    if vm is not None:
+        if not isinstance(vm, str) or not vm:
+            raise bad('`vm` must be the name of a running VM, e.g. vm = "db01"')
+        if sources:
+            raise bad("give either `vm` (back up a running VM) or `sources` (image files), not both")
+    elif not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
         raise bad('`sources` must be a non-empty list of image or device paths, e.g. sources = ["/srv/db.img"]')
-    name = raw.get("name") or os.path.basename(sources[0])
+    name = raw.get("name") or vm or os.path.basename(sources[0])
     if not isinstance(name, str):
         raise bad("`name` must be a string")
     fallback = raw.get("fallback", "try")
@@ -70,4 +77,6 @@ def parse_job(raw: dict, path: str = "<job>") -> JobConfig:
         if not isinstance(writer, dict) or writer.get("type") not in WRITER_TYPES:
             got = writer.get("type") if isinstance(writer, dict) else writer
             raise bad(f"writer {i + 1}: `type` must be one of {', '.join(WRITER_TYPES)}, not {got!r}")
-    return JobConfig(name, list(sources), writers, fallback, logs, float(timeout), snapshot, path)
+    if vm is not None and any(w["type"] == "fsfreeze" for w in writers):
+        raise bad("inside a VM the guest's filesystems are frozen through the guest agent: drop the fsfreeze writer")
+    return JobConfig(name, list(sources), writers, fallback, logs, float(timeout), snapshot, path, vm)

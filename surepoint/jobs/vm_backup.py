@@ -15,7 +15,11 @@ from dataclasses import asdict, dataclass, field
 from surepoint.backup import BackupRequest, run_backup
 from surepoint.catalog import Catalog
 from surepoint.consistency.guest_fsfreeze import GuestFsFreezeWriter
+from surepoint.consistency.guest_runner import GuestRunner
+from surepoint.consistency.logs import handle_logs
 from surepoint.consistency.quiesce import ConsistencyRequired, QuiesceOutcome, Quiescer
+from surepoint.consistency.registry import build_writers
+from surepoint.consistency.writer import Writer
 from surepoint.manifest import RestorePoint
 from surepoint.repository import Repository
 from surepoint.vm.errors import GuestAgentError, QmpError, VmError
@@ -33,6 +37,8 @@ class VmJobOptions:
     quiesce: bool = True
     freeze_timeout: float = 20.0
     full: bool = False
+    writers: list[dict] = field(default_factory=list)  # application writers run inside the guest
+    logs: str = "truncate"  # transaction-log mode for those writers
 
 
 @dataclass
@@ -82,11 +88,16 @@ def _usable_base_bitmap(
     return name
 
 
-def _remove_stale_bitmaps(qmp: QmpConnection, devices: list[BlockDevice], keep: set[str]) -> None:
-    """Bitmaps of ours left by failed or forgotten jobs only cost the VM write tracking: drop them."""
+def bitmap_prefix(repository: Repository) -> str:
+    """Bitmaps are named per repository, so two repositories backing up one VM keep their own."""
+    return f"{BITMAP_PREFIX}{repository.id[:12]}-"
+
+
+def _remove_stale_bitmaps(qmp: QmpConnection, devices: list[BlockDevice], prefix: str, keep: set[str]) -> None:
+    """This repository's bitmaps left by failed or forgotten jobs only cost the VM write tracking: drop them."""
     for dev in devices:
         for name in _bitmaps(qmp, dev.node_name):
-            if name.startswith(BITMAP_PREFIX) and name not in keep:
+            if name.startswith(prefix) and name not in keep:
                 with contextlib.suppress(QmpError):
                     qmp.execute("block-dirty-bitmap-remove", node=dev.node_name, name=name)
 
@@ -121,10 +132,11 @@ def backup_vm(
             base_bitmap = _usable_base_bitmap(qmp, devices, base, notes)
             for note in notes:
                 event("cbt", "plan", "warning", note)
-            new_bitmap = BITMAP_PREFIX + rp_id
-            _remove_stale_bitmaps(qmp, devices, {base_bitmap} if base_bitmap else set())
+            new_bitmap = bitmap_prefix(repository) + rp_id
+            _remove_stale_bitmaps(qmp, devices, bitmap_prefix(repository), {base_bitmap} if base_bitmap else set())
 
-            writers: list[GuestFsFreezeWriter] = []
+            writers: list[Writer] = []
+            app_writers: list[Writer] = []
             not_quiesced = ""
             if options.quiesce:
                 why = "the VM has no guest-agent channel"
@@ -135,6 +147,8 @@ def backup_vm(
                         why = f"guest agent unavailable: {exc}"
                         event("guest-fsfreeze", "identify", "failed", why)
                 if agent is not None:
+                    app_writers = build_writers(options.writers, GuestRunner(agent, vm.name))
+                    writers.extend(app_writers)
                     writers.append(GuestFsFreezeWriter(agent, {"timeout": options.freeze_timeout}))
                 elif options.fallback == "require":
                     raise ConsistencyRequired(
@@ -158,8 +172,9 @@ def backup_vm(
             def take() -> None:
                 # The quiescer only enforces "require" for application writers; the guest freeze is
                 # this job's whole consistency, so a failed freeze fails the job before any view exists.
-                if options.fallback == "require" and any(not w.frozen for w in writers):
-                    reason = "; ".join(w.error or "the guest agent did not answer" for w in writers if not w.frozen)
+                unfrozen = [w for w in writers if isinstance(w, GuestFsFreezeWriter) and not w.frozen]
+                if options.fallback == "require" and unfrozen:
+                    reason = "; ".join(w.error or "the guest agent did not answer" for w in unfrozen)
                     raise ConsistencyRequired(
                         f"VM {vm.name}: could not freeze the guest's filesystems ({reason}) and --fallback require "
                         "forbids a crash-consistent backup"
@@ -217,6 +232,17 @@ def backup_vm(
             except VmError as exc:  # the restore point is committed; a leftover node is only untidy
                 event("job", "cleanup", "warning", str(exc))
             quiescer.complete(point.id)
+            if app_writers:
+                handle_logs(
+                    options.logs,
+                    list(zip(options.writers, app_writers, strict=True)),
+                    outcome.writer_metadata,
+                    catalog=catalog,
+                    repository_id=repository.id,
+                    restore_point_id=point.id,
+                    source=vm.name,
+                    events=event,
+                )
     except BaseException as exc:
         event("job", "finish", "failed", str(exc) or type(exc).__name__)
         raise

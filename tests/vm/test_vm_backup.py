@@ -370,7 +370,7 @@ def test_missing_vm_is_a_one_line_error(cli: Cli) -> None:
     result = cli.run("backup", "vm", "no-such-vm")
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: backup failed for no-such-vm"], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: backup of VM no-such-vm failed: no VM named"), result.stderr
     assert "no-such-vm" in result.stdout and "failed" in result.stdout  # the summary table
     vm = only_vm(cli.run("backup", "vm", "no-such-vm", "--json"))
     assert vm["status"] == "failed"
@@ -389,7 +389,7 @@ def test_vm_without_a_guest_agent(test_vm, cli: Cli, tmp_path: Path) -> None:
     assert vm["status"] == "failed"
     assert "cannot freeze the guest's filesystems" in vm["error"] and "nothing.sock" in vm["error"], vm
     assert "--fallback require" in vm["error"]
-    assert result.stderr.strip().splitlines()[-1] == "error: backup failed for noagent"
+    assert result.stderr.strip().splitlines()[-1] == f"error: backup of VM noagent failed: {vm['error']}"
     assert cli.points() == []
     state = qemu_state(test_vm)
     assert ours(state["bitmaps"]) == {d: [] for d in test_vm.disks}  # no bitmap for a backup that failed
@@ -437,7 +437,7 @@ def test_guest_agent_hung_during_freeze(test_vm, cli: Cli, tmp_path: Path) -> No
     assert failed["status"] == "failed"
     assert "could not freeze the guest's filesystems" in failed["error"], failed
     assert "did not answer guest-fsfreeze-freeze" in failed["error"] and "--fallback require" in failed["error"]
-    assert result.stderr.strip().splitlines()[-1] == "error: backup failed for hung"
+    assert result.stderr.strip().splitlines()[-1] == f"error: backup of VM hung failed: {failed['error']}"
     print(f"failed backup through a hung guest agent (--fallback require): {seconds:.1f} s: {failed['error']}")
     with test_vm.agent() as ga:
         assert ga.fsfreeze_status() == "thawed"
@@ -462,7 +462,7 @@ def test_several_vms_in_one_job(test_vm, cli: Cli) -> None:
     assert by_name[test_vm.name]["status"] == "ok" and by_name[test_vm.name]["consistency"] == "filesystem"
     assert by_name["missingvm"]["status"] == "failed"
     assert "no VM named 'missingvm'" in by_name["missingvm"]["error"]
-    assert result.stderr.strip().splitlines()[-1] == "error: backup failed for missingvm"
+    assert result.stderr.strip().splitlines()[-1].startswith("error: backup of VM missingvm failed: no VM named")
     points = cli.points()
     assert [(p["id"], p["name"]) for p in points] == [(by_name[test_vm.name]["restore_point"], test_vm.name)]
     print(f"\ntwo-VM job (one missing): {seconds:.1f} s")
