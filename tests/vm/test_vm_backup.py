@@ -123,6 +123,13 @@ def qemu_state(test_vm) -> dict:
         }
 
 
+def bitmap_of(cli: Cli, point_id: str) -> str:
+    """The dirty bitmap a restore point left on the VM's disks (named per repository and point)."""
+    name = show(cli, point_id)["metadata"]["vm"]["bitmap"]
+    assert name.startswith("surepoint-") and name.endswith(point_id), name
+    return name
+
+
 def ours(bitmaps: dict[str, list[str]]) -> dict[str, list[str]]:
     return {node: [b for b in names if b.startswith("surepoint-")] for node, names in bitmaps.items()}
 
@@ -314,7 +321,7 @@ def test_incremental_reads_only_the_changed_blocks(test_vm, cli: Cli, tmp_path: 
     assert point["metadata"]["vm"]["cbt"] == "dirty bitmap"
     assert all(d["metadata"]["read_mode"] == "changed blocks only" for d in point["disks"])
     state = qemu_state(test_vm)
-    assert ours(state["bitmaps"]) == {d: ["surepoint-" + incr["restore_point"]] for d in test_vm.disks}
+    assert ours(state["bitmaps"]) == {d: [bitmap_of(cli, incr["restore_point"])] for d in test_vm.disks}
     assert_no_view_left(state)
 
     # more changes: a new file, and part of the old one overwritten in place
@@ -339,7 +346,7 @@ def test_incremental_reads_only_the_changed_blocks(test_vm, cli: Cli, tmp_path: 
 def test_lost_bitmap_falls_back_to_a_full_read(test_vm, cli: Cli, tmp_path: Path) -> None:
     cli.run("init", check=True)
     base, _ = good_backup(cli, test_vm.name)
-    bitmap = "surepoint-" + base["restore_point"]
+    bitmap = bitmap_of(cli, base["restore_point"])
     with test_vm.qmp() as qmp:
         assert bitmap in [b["name"] for b in qmp.block_node("data")["dirty-bitmaps"]]
         qmp.execute("block-dirty-bitmap-remove", node="data", name=bitmap)
@@ -361,7 +368,7 @@ def test_lost_bitmap_falls_back_to_a_full_read(test_vm, cli: Cli, tmp_path: Path
     )
     # the chain goes on from the full read: the next backup uses the bitmap it left
     state = qemu_state(test_vm)
-    assert ours(state["bitmaps"]) == {d: ["surepoint-" + reference["restore_point"]] for d in test_vm.disks}
+    assert ours(state["bitmaps"]) == {d: [bitmap_of(cli, reference["restore_point"])] for d in test_vm.disks}
     test_vm.run(["rm", "-f", "/data/untracked.bin"])
 
 
@@ -425,7 +432,7 @@ def test_guest_agent_hung_during_freeze(test_vm, cli: Cli, tmp_path: Path) -> No
             assert ga.fsfreeze_status() == "thawed"
         print(f"\nbackup through a hung guest agent (--fallback try): {seconds:.1f} s, crash-consistent")
         before = qemu_state(test_vm)
-        assert ours(before["bitmaps"]) == {d: ["surepoint-" + vm["restore_point"]] for d in test_vm.disks}
+        assert ours(before["bitmaps"]) == {d: [bitmap_of(cli, vm["restore_point"])] for d in test_vm.disks}
 
         # --fallback require: the job fails before any view is made, and leaves nothing behind
         result, seconds = backup_vm(cli, *args, "--fallback", "require")
