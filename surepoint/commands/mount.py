@@ -1,9 +1,253 @@
-"""Commands that serve restore points straight from the repository (mount, file-level restore)."""
+"""Commands that serve restore points straight from the repository (mount, file-level restore).
 
-from __future__ import annotations
+No `from __future__ import annotations` here: typer evaluates the annotations of the commands,
+which use names imported inside register().
+"""
+
+import contextlib
+import os
+import re
+import tempfile
+from typing import Annotated
 
 import typer
+
+from surepoint.errors import SurepointError, UsageError
+
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '256M', '1G', '4096', '512KiB'."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise UsageError(f"{text!r} is not a size like 256M or 1G")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
+def _mount_table(state) -> list[list[str]]:
+    rows = [["disk", "", f"{d['number']}: {d['name']}", d["image"]] for d in state.disks]
+    rows += [[f"disk{m['disk']}/{m['volume']}", m["fstype"], m["device"], m["path"]] for m in state.mounts]
+    rows += [[f"disk{s['disk']}/{s['volume']}", "", "not mounted", s["reason"]] for s in state.skipped]
+    return rows
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    from rich.table import Table
+
+    from surepoint.cli import Context, JsonOption, _print_json, err, out
+
+    @app.command()
+    def mount(
+        ctx: typer.Context,
+        restore_point: Annotated[str, typer.Argument(help="Id, id prefix, or NAME:latest.")],
+        directory: Annotated[
+            str, typer.Argument(help="Existing directory to mount at (its contents are hidden while mounted).")
+        ],
+        foreground: Annotated[
+            bool, typer.Option("--foreground", help="Stay in the foreground, log to stderr; Ctrl-C unmounts.")
+        ] = False,
+        cache_size: Annotated[str, typer.Option(help="Chunk cache size (LRU), e.g. 256M, 1G.")] = "256M",
+        readahead: Annotated[
+            int, typer.Option(help="Chunks fetched ahead of sequential reads (0: none).", min=0, max=64)
+        ] = 4,
+        images_only: Annotated[
+            bool, typer.Option("--images-only", help="Only the raw disk images: no loop devices, no filesystems.")
+        ] = False,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Mount a restore point read-only: raw disk images, and every partition's filesystem.
+
+        DIR/disks/<n>-<name>.raw are the disks; DIR/disk<n>/part<p>/ (or DIR/disk<n>/fs/ for a disk
+        without partition table) the filesystems, mounted read-only without journal replay.
+        Chunks are read on demand from the repository. `surepoint umount DIR` takes it all down.
+        """
+        from surepoint.mount.manager import MountOptions, mount_restore_point
+
+        c: Context = ctx.obj
+        repo = c.open_repository()
+        point = repo.resolve(restore_point)
+        options = MountOptions(
+            cache_bytes=parse_size(cache_size),
+            readahead_chunks=readahead,
+            foreground=foreground,
+            filesystems=not images_only,
+        )
+        say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
+        state = mount_restore_point(repo, point, directory, options, say=say)
+        if foreground:
+            out.print(f"unmounted {state.dir}")
+            return
+        with contextlib.suppress(Exception):
+            c.catalog().add_event(repo.id, "mount", "mount", "ok", f"mounted at {state.dir}", restore_point=point.id)
+        if as_json:
+            _print_json(state.to_json())
+            return
+        table = Table(title=f"restore point {point.id} ({point.name}) mounted at {state.dir}")
+        for col in ("what", "type", "source", "path"):
+            table.add_column(col)
+        for row in _mount_table(state):
+            table.add_row(*row)
+        out.print(table)
+        out.print(f"FUSE server pid {state.pid}, log {state.log_path}; unmount with: surepoint umount {state.dir}")
+
+    @app.command()
+    def umount(
+        directory: Annotated[str | None, typer.Argument(help="Where a restore point is mounted.")] = None,
+        lazy: Annotated[bool, typer.Option("--lazy", help="Detach even if files are open there.")] = False,
+        all_mounts: Annotated[bool, typer.Option("--all", help="Unmount every surepoint mount on this host.")] = False,
+    ) -> None:
+        """Unmount a restore point: its filesystems, loop devices and FUSE server (and clean crashed mounts)."""
+        from surepoint.mount.state import clean_stale, find_state, load_states, teardown
+
+        if bool(directory) == all_mounts:
+            raise UsageError("give DIR or --all")
+        cleaned = clean_stale(log=lambda m: err.print(f"  {m}"))
+        for state in cleaned:
+            err.print(f"cleaned up crashed mount of {state.restore_point} at {state.dir}")
+        targets = load_states() if all_mounts else []
+        if directory:
+            state = find_state(directory)
+            if state is None:
+                if any(s.dir == os.path.realpath(directory) for s in cleaned):
+                    return
+                raise UsageError(f"no surepoint mount at {directory}")
+            targets = [state]
+        for state in targets:
+            teardown(state, lazy=lazy, log=lambda m: err.print(f"  {m}"))
+            out.print(f"unmounted {state.restore_point} from {state.dir}")
+
+    @app.command("mounts")
+    def mounts(as_json: JsonOption = False) -> None:
+        """List the restore points mounted on this host."""
+        from surepoint.mount.state import load_states
+
+        states = load_states()
+        if as_json:
+            _print_json([s.to_json() for s in states])
+            return
+        table = Table(title="mounted restore points")
+        for col in ("directory", "restore point", "name", "pid", "state", "filesystems"):
+            table.add_column(col)
+        for s in states:
+            table.add_row(
+                s.dir,
+                s.restore_point,
+                s.name,
+                str(s.pid or ""),
+                s.status if s.alive() else "crashed (cleaned by the next mount/umount)",
+                ", ".join(f"disk{m['disk']}/{m['volume']} {m['fstype']}" for m in s.mounts),
+            )
+        out.print(table)
+
+    @app.command("restore-files")
+    def restore_files_command(
+        ctx: typer.Context,
+        restore_point: Annotated[str, typer.Argument(help="Id, id prefix, or NAME:latest.")],
+        paths: Annotated[list[str], typer.Argument(help="Files or directories, from the filesystem's root.")],
+        to: Annotated[str, typer.Option("--to", help="Target directory (inside the VM with --into-vm).")],
+        disk: Annotated[int | None, typer.Option(help="Disk number (default: the only one with a filesystem).")] = None,
+        partition: Annotated[
+            str | None, typer.Option(help="Partition number, or 'fs' for a whole-disk filesystem.")
+        ] = None,
+        overwrite: Annotated[bool, typer.Option(help="Replace files that exist in the target.")] = False,
+        into_vm: Annotated[
+            str | None, typer.Option("--into-vm", help="Write into this running VM through its guest agent.")
+        ] = None,
+        inventory: Annotated[
+            str | None, typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory file (TOML).")
+        ] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Copy files and directories out of a restore point, keeping owners, modes, times, symlinks and holes.
+
+        Each PATH lands at the same path below --to (`/etc/nginx` with `--to /tmp/r` gives
+        /tmp/r/etc/nginx). An existing mount of the restore point is reused; otherwise one is made
+        for the copy and taken down afterwards.
+        """
+        from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, guest_agent_for, pick_volume
+        from surepoint.mount.files import restore_files as copy_files
+        from surepoint.mount.manager import MountOptions, mount_restore_point
+        from surepoint.mount.state import clean_stale, load_states, teardown
+
+        c: Context = ctx.obj
+        repo = c.open_repository()
+        point = repo.resolve(restore_point)
+        say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
+        clean_stale(log=say)
+        state = next(
+            (
+                s
+                for s in load_states()
+                if s.restore_point == point.id and s.repository == repo.id and s.status == "mounted" and s.alive()
+            ),
+            None,
+        )
+        own_dir = None
+        if state is None:
+            base = os.path.dirname(_state_dir().rstrip("/"))
+            os.makedirs(base, mode=0o700, exist_ok=True)
+            own_dir = tempfile.mkdtemp(prefix="restore-files-", dir=base)
+            try:
+                state = mount_restore_point(repo, point, own_dir, MountOptions(), say=say)
+            except BaseException:
+                os.rmdir(own_dir)
+                raise
+        report = CopyReport()
+        try:
+            volume = pick_volume(state.mounts, disk, partition)
+            if into_vm:
+                agent = guest_agent_for(into_vm, inventory)
+                try:
+                    target = GuestTarget(agent, to, overwrite, report)
+                    copy_files(volume["path"], paths, target, report)
+                finally:
+                    agent.close()
+            else:
+                target = LocalTarget(to, overwrite, report)
+                try:
+                    copy_files(volume["path"], paths, target, report)
+                finally:
+                    target.close()
+        finally:
+            if own_dir is not None:
+                try:
+                    teardown(state, lazy=False)
+                except SurepointError:
+                    teardown(state, lazy=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(own_dir)
+        with contextlib.suppress(Exception):
+            c.catalog().add_event(
+                repo.id,
+                "restore",
+                "files",
+                "ok" if not report.errors else "failed",
+                f"{report.files} files, {report.dirs} directories, {report.symlinks} symlinks to "
+                + (f"VM {into_vm}:{to}" if into_vm else to),
+                restore_point=point.id,
+            )
+        where = f"VM {into_vm}:{to}" if into_vm else to
+        if as_json:
+            _print_json({"restore_point": point.id, "volume": volume, "target": where, **report.to_json()})
+        else:
+            out.print(
+                f"restored {report.files} files, {report.dirs} directories, {report.symlinks} symlinks "
+                f"({report.bytes} bytes of data, {report.sparse_bytes} bytes left as holes) from "
+                f"{point.id} disk {volume['disk']} {volume['volume']} to {where}"
+            )
+            for line in report.skipped:
+                err.print(f"  skipped {line}")
+            for line in report.warnings:
+                err.print(f"  warning: {line}")
+        if report.errors:
+            for line in report.errors:
+                err.print(f"  error: {line}")
+            raise SurepointError(f"{len(report.errors)} path(s) could not be restored")
+
+
+def _state_dir() -> str:
+    from surepoint.mount.state import state_dir
+
+    return state_dir()

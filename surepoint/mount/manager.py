@@ -1,0 +1,376 @@
+"""Set up and take down a mount of a restore point: FUSE server process, loop devices, filesystems.
+
+`mount_restore_point` forks the FUSE server (a daemon by default: its own session, stdio on the
+log file) once the repository is open and every index is loaded, waits until the kernel talks to
+it, then attaches a read-only loop device per partition (or whole-disk filesystem) of every disk
+and mounts what `blkid` recognises, read-only and without journal replay, at DIR/disk<n>/<volume>.
+The repository is only read: no lock object is written (a live `exclusive` lock is respected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import select
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from surepoint.errors import RepositoryLocked, SurepointError, UsageError
+from surepoint.locks import is_stale, read_locks
+from surepoint.manifest import RestorePoint
+from surepoint.mount import fusefs
+from surepoint.mount.fusefs import DiskView, image_path, volume_path
+from surepoint.mount.partitions import PartitionTable, read_partition_table
+from surepoint.mount.reader import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_READAHEAD_CHUNKS,
+    ChunkCache,
+    ChunkReadError,
+    DiskReader,
+    Prefetcher,
+)
+from surepoint.mount.state import MountState, clean_stale, is_mountpoint, process_start, run, teardown
+from surepoint.repository import Repository
+
+log = logging.getLogger("surepoint.mount")
+
+READY_TIMEOUT = 30.0
+# Read-only, and never replay a journal or log: the image must not change, and replaying would
+# need writes. nodev/nosuid/noexec: the filesystem comes from a guest and is not trusted.
+FS_OPTIONS = {
+    "ext2": "ro,noload",
+    "ext3": "ro,noload",
+    "ext4": "ro,noload",
+    "xfs": "ro,norecovery,nouuid",
+    "btrfs": "ro,rescue=nologreplay",
+    "vfat": "ro",
+    "exfat": "ro",
+    "ntfs": "ro",
+    "ntfs3": "ro",
+    "iso9660": "ro",
+}
+COMMON_OPTIONS = "nodev,nosuid,noexec"
+NOT_FILESYSTEMS = {"swap", "LVM2_member", "crypto_LUKS", "linux_raid_member", "zfs_member", "bcache", "BitLocker"}
+
+
+@dataclass
+class MountOptions:
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS
+    foreground: bool = False
+    filesystems: bool = True  # loop-mount the partitions (needs root)
+
+
+@dataclass
+class Volume:
+    name: str  # "part<p>" or "fs"
+    offset: int
+    size: int
+    partition: int | None
+    description: str
+
+
+def check_no_exclusive_lock(repository: Repository) -> None:
+    """A mount reads only, and writes no lock; it still stays away from an `exclusive` job."""
+    for lock in read_locks(repository.backend):
+        if lock.kind == "exclusive" and not is_stale(lock):
+            raise RepositoryLocked(f"repository is locked ({lock.describe()}); wait for it to finish")
+
+
+def plan_volumes(disk_number: int, table: PartitionTable, size: int) -> list[Volume]:
+    if table.scheme is None:
+        return [Volume("fs", 0, size, None, "whole disk")]
+    return [Volume(f"part{p.number}", p.start, p.size, p.number, p.describe()) for p in table.partitions]
+
+
+def _views(
+    repository: Repository,
+    point: RestorePoint,
+    cache: ChunkCache,
+    prefetcher: Prefetcher | None,
+    readahead: int,
+    say: Callable[[str], None] | None,
+) -> list[DiskView]:
+    views = []
+    for disk in point.disks:
+        index = repository.load_index(point, disk.number)
+        reader = DiskReader(point, disk, index, cache, prefetcher, readahead, log=say)
+        views.append(DiskView(disk.number, reader))
+    return views
+
+
+def mount_restore_point(
+    repository: Repository,
+    point: RestorePoint,
+    directory: str,
+    options: MountOptions,
+    say: Callable[[str], None] = lambda m: None,
+) -> MountState:
+    """Mount `point` at `directory`; returns its state (after the foreground server ended, with --foreground)."""
+    if options.filesystems and os.geteuid() != 0:
+        raise UsageError("mounting filesystems needs root (loop devices); run as root, or use --images-only")
+    clean_stale(log=say)
+    real = os.path.realpath(directory)
+    if not os.path.isdir(real):
+        raise UsageError(f"{directory} is not a directory: create it first")
+    if is_mountpoint(real):
+        raise UsageError(f"{directory} is already a mountpoint (see `surepoint mounts`)")
+    check_no_exclusive_lock(repository)
+
+    # Partition tables are read here, before the fork; the server gets fresh readers and cache.
+    probe_cache = ChunkCache(repository.chunks.get, 64 << 20)
+    probe = _views(repository, point, probe_cache, None, 0, None)
+    tables: dict[int, PartitionTable] = {}
+    for view in probe:
+        try:
+            tables[view.number] = read_partition_table(view.reader.read, view.reader.size)
+        except ChunkReadError as exc:
+            tables[view.number] = PartitionTable("unreadable", [], [f"partition table unreadable: {exc}"])
+        table = tables[view.number]
+        for warning in table.warnings:
+            say(f"disk {view.number}: {warning}")
+        if table.scheme != "unreadable":
+            view.volumes = [v.name for v in plan_volumes(view.number, table, view.reader.size)]
+    del probe_cache
+
+    state = MountState(
+        id=secrets.token_hex(6),
+        dir=real,
+        repository=repository.id,
+        location=repository.backend.location,
+        restore_point=point.id,
+        name=point.name,
+        owner=os.getpid(),
+        disks=[
+            {"number": v.number, "name": v.reader.disk.name, "size": v.reader.size, "image": image_path(real, v)}
+            for v in probe
+        ],
+    )
+    state.save()
+    try:
+        server = _start_server(repository, point, state, probe, options)
+    except BaseException:
+        state.remove()
+        raise
+    state.pid = server
+    state.pid_start = process_start(server)
+    state.save()
+    try:
+        if options.filesystems:
+            for view in probe:
+                table = tables[view.number]
+                if table.scheme == "unreadable":
+                    continue
+                for volume in plan_volumes(view.number, table, view.reader.size):
+                    _mount_volume(state, view, volume, say)
+        state.status = "mounted"
+        state.save()
+    except BaseException:
+        teardown(state, lazy=True)
+        raise
+    if options.foreground:
+        _wait_foreground(state, say)
+    return state
+
+
+def _start_server(
+    repository: Repository, point: RestorePoint, state: MountState, views: list[DiskView], options: MountOptions
+) -> int:
+    """Fork the FUSE server; return its pid once it serves requests."""
+    fusefs.load_mfusepy()  # fail here, in the command, when libfuse 3 is missing
+    created_ns = int(datetime.fromisoformat(point.created.replace("Z", "+00:00")).timestamp() * 1e9)
+    volumes = {v.number: list(v.volumes) for v in views}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server
+        code = 1
+        try:
+            os.close(read_fd)
+            _become_server(state, options.foreground, write_fd)
+            cache = ChunkCache(repository.chunks.get, options.cache_bytes)
+            prefetcher = Prefetcher(cache, workers=2)
+            server_views = _views(repository, point, cache, prefetcher, options.readahead_chunks, log.error)
+            for v in server_views:
+                v.volumes = volumes[v.number]
+
+            def ready() -> None:
+                log.info("serving restore point %s (%s) at %s", point.id, point.name, state.dir)
+                os.write(write_fd, b"ready\n")
+                os.close(write_fd)
+
+            fusefs.serve(state.dir, server_views, f"surepoint:{state.id}", created_ns, ready)
+            prefetcher.close()
+            log.info("unmounted %s", state.dir)
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - the server reports everything, then exits
+            log.exception("mount server failed")
+            with contextlib.suppress(OSError):
+                os.write(write_fd, f"error: {exc}\n".encode())
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    message = b""
+    try:
+        while b"\n" not in message:
+            ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT)
+            if not ready:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise SurepointError(f"the FUSE server did not start within {READY_TIMEOUT:g} s (see {state.log_path})")
+            data = os.read(read_fd, 4096)
+            if not data:
+                break
+            message += data
+    finally:
+        os.close(read_fd)
+    line = message.decode(errors="replace").strip()
+    if line != "ready":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        detail = line.removeprefix("error: ") or _log_tail(state.log_path)
+        raise SurepointError(f"cannot mount {state.dir}: {detail}")
+    return pid
+
+
+def _become_server(state: MountState, foreground: bool, keep_fd: int) -> None:
+    """Detach from the command: own session (or process group), stdio to the log, other fds closed."""
+    if foreground:
+        os.setpgid(0, 0)  # Ctrl-C goes to the command, which then unmounts in order
+    else:
+        os.setsid()
+    os.chdir("/")
+    log_fd = os.open(state.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    if foreground:
+        os.dup2(2, 1)
+    else:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+    os.close(null)
+    for fd in _open_fds():
+        if fd > 2 and fd not in (keep_fd, log_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    root = logging.getLogger("surepoint.mount")
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    file_handler = logging.StreamHandler(os.fdopen(log_fd, "a", buffering=1))
+    file_handler.setFormatter(fmt)
+    root.addHandler(file_handler)
+    if foreground:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        root.addHandler(console)
+    # mfusepy logs through the "fuse" logger; its messages belong in the same log.
+    fuse_log = logging.getLogger("fuse")
+    fuse_log.handlers = list(root.handlers)
+    fuse_log.setLevel(logging.WARNING)
+    fuse_log.propagate = False
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 1024))
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.strip() for line in f.readlines()[-lines:]) or "no details logged"
+    except OSError:
+        return "no details logged"
+
+
+def _mount_volume(state: MountState, view: DiskView, volume: Volume, say: Callable[[str], None]) -> None:
+    image = image_path(state.dir, view)
+    where = f"disk {view.number} {volume.name}"
+    proc = run(
+        ["losetup", "-r", "-f", "--show", "-o", str(volume.offset), "--sizelimit", str(volume.size), image],
+        check=False,
+    )
+    device = proc.stdout.strip()
+    if proc.returncode != 0 or not device.startswith("/dev/"):
+        raise SurepointError(f"losetup for {where} failed: {proc.stderr.strip()}")
+    st = os.stat(image)
+    loop = {"device": device, "image": image, "offset": volume.offset, "size": volume.size}
+    loop.update(dev=st.st_dev, ino=st.st_ino)
+    state.loops.append(loop)
+    state.save()
+
+    def skip(reason: str) -> None:
+        state.skipped.append({"disk": view.number, "volume": volume.name, "reason": reason})
+        run(["losetup", "-d", device], check=False)
+        state.loops.remove(loop)
+        state.save()
+        say(f"{where}: not mounted: {reason}")
+
+    probe = run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
+    fstype = probe.stdout.strip()
+    if probe.returncode != 0 or not fstype:
+        skip("no filesystem recognised" if probe.returncode == 2 else f"blkid failed: {probe.stderr.strip()}")
+        return
+    if fstype in NOT_FILESYSTEMS:
+        skip(f"holds {fstype}, not a filesystem")
+        return
+    path = volume_path(state.dir, view, volume.name)
+    mount_options = FS_OPTIONS.get(fstype, "ro") + "," + COMMON_OPTIONS
+    proc = run(["mount", "-t", fstype, "-o", mount_options, device, path], check=False)
+    if proc.returncode != 0:
+        skip(f"{fstype}: mount failed: {proc.stderr.strip()}")
+        return
+    state.mounts.append(
+        {
+            "path": path,
+            "device": device,
+            "fstype": fstype,
+            "disk": view.number,
+            "volume": volume.name,
+            "partition": volume.partition,
+            "options": mount_options,
+        }
+    )
+    state.save()
+    say(f"disk {view.number} {volume.name}: {fstype} mounted read-only at {path}")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _wait_foreground(state: MountState, say: Callable[[str], None]) -> None:
+    """--foreground: stay until Ctrl-C / SIGTERM (then unmount everything) or until the server ends."""
+
+    def stop(signum, frame) -> None:
+        raise _Stop()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        try:
+            _, status = os.waitpid(state.pid, 0)  # type: ignore[arg-type]
+        except _Stop:
+            say("unmounting")
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            teardown(state, lazy=True, log=say)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(state.pid, 0)  # type: ignore[arg-type]
+            return
+        teardown(state, lazy=True, log=say)
+        raise SurepointError(f"the FUSE server exited unexpectedly (status {status}); see {state.log_path}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
