@@ -731,9 +731,10 @@ def events(
 
 
 def _register_command_modules() -> None:
-    from surepoint.commands import mount
+    from surepoint.commands import instant, mount
 
     mount.register(app)
+    instant.register(app)
 
 
 _register_command_modules()

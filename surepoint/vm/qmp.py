@@ -88,7 +88,7 @@ class QmpConnection:
             return
         try:
             self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 5))
-        except (TimeoutError, QMPError, OSError):
+        except (TimeoutError, QMPError, OSError, EOFError):  # QEMU may have just quit
             pass
         finally:
             self._loop.close()

@@ -1,0 +1,509 @@
+"""Instant VM recovery: boot a VM straight from the repository, then move it to production storage.
+
+`start_instant` mounts a VM restore point (raw images only) under WORKDIR/repo-mount, puts a qcow2
+overlay on each disk image (WORKDIR/disk<n>.qcow2, backing file the read-only raw image on the FUSE
+mount), rewrites the saved QEMU command line to use the overlays and sockets in WORKDIR, starts
+QEMU in a session of its own (it outlives the command) and waits for the guest agent. Every guest
+write lands in an overlay; the repository is only read. WORKDIR/instant.json records the session.
+
+`migrate_instant` copies the running VM's disks to a target directory with a QEMU block mirror
+(sync=full, into new qcow2 images without backing file), switches every device over at once
+(block-job-complete), drops the old overlay nodes (which closes the FUSE-backed backing files),
+removes the overlays and unmounts the repository: the VM keeps running from the target.
+
+`discard_instant` stops the VM (QMP quit, SIGKILL if it does not go), removes the overlays and
+unmounts; it also cleans up after a crashed session (QEMU gone, mount dead or alive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from surepoint.errors import SurepointError, TargetError, UsageError
+from surepoint.manifest import RestorePoint
+from surepoint.mount.manager import MountOptions, mount_restore_point
+from surepoint.mount.state import clean_stale, find_state, is_mountpoint, process_start, teardown
+from surepoint.repository import Repository
+from surepoint.vm.errors import GuestAgentError, QmpError
+from surepoint.vm.guest_agent import GuestAgent
+from surepoint.vm.inventory import parse_command_line
+from surepoint.vm.qmp import QmpConnection
+
+STATE_FILE = "instant.json"
+MOUNT_SUBDIR = "repo-mount"
+DEFAULT_BASE = "/var/lib/surepoint/instant"
+JOB_PREFIX = "surepoint-migrate-"
+MIRROR_TIMEOUT = 3600.0
+
+
+@dataclass
+class InstantSession:
+    """WORKDIR/instant.json: what an instant recovery runs, and where its pieces are."""
+
+    workdir: str
+    restore_point: str
+    name: str  # the VM's -name
+    repository: str  # repository id
+    mount_dir: str
+    overlays: list[dict] = field(default_factory=list)  # {"number", "name", "image", "overlay", "size"}
+    argv: list[str] = field(default_factory=list)
+    qmp: str = ""
+    guest_agent: str | None = None
+    pid: int | None = None
+    pid_start: int | None = None
+    status: str = "starting"  # starting, running, migrated
+    started: float = field(default_factory=time.time)
+    boot_seconds: float | None = None
+    total_seconds: float | None = None
+    migrated_to: str | None = None
+    disks: list[str] = field(default_factory=list)  # after migration: the target images
+
+    @staticmethod
+    def path_in(workdir: str) -> str:
+        return os.path.join(workdir, STATE_FILE)
+
+    def save(self) -> None:
+        path = self.path_in(self.workdir)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+
+    @classmethod
+    def load(cls, workdir: str) -> InstantSession | None:
+        try:
+            with open(cls.path_in(workdir)) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SurepointError(f"cannot read {cls.path_in(workdir)}: {exc}") from None
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def qemu_alive(self) -> bool:
+        return self.pid is not None and process_start(self.pid) == self.pid_start and _not_zombie(self.pid)
+
+    def to_json(self) -> dict:
+        return dict(asdict(self), alive=self.qemu_alive(), state_file=self.path_in(self.workdir))
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def default_workdir(point: RestorePoint) -> str:
+    return os.path.join(DEFAULT_BASE, point.id)
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise TargetError(f"{' '.join(argv[:2])} failed: {(proc.stderr or proc.stdout).strip()}")
+
+
+def _check_workdir_free(workdir: str) -> None:
+    session = InstantSession.load(workdir)
+    if session is not None:
+        if session.status == "migrated":
+            raise UsageError(
+                f"{workdir} holds an instant recovery already migrated to {session.migrated_to} "
+                f"(VM pid {session.pid}); use another --workdir"
+            )
+        if session.qemu_alive():
+            raise UsageError(
+                f"{workdir} is in use: VM {session.name} (pid {session.pid}) runs from restore point "
+                f"{session.restore_point}; use --migrate-to or --discard with this --workdir, or another --workdir"
+            )
+        raise UsageError(
+            f"{workdir} holds a crashed instant recovery of {session.restore_point} (QEMU is gone); "
+            f"clean it with: surepoint instant-recover --discard --workdir {workdir}"
+        )
+    mount_dir = os.path.join(workdir, MOUNT_SUBDIR)
+    if os.path.isdir(mount_dir) and is_mountpoint(os.path.realpath(mount_dir)):
+        raise UsageError(f"{mount_dir} is already mounted (see `surepoint mounts`); use another --workdir")
+
+
+def start_instant(
+    repository: Repository,
+    point: RestorePoint,
+    workdir: str | None = None,
+    *,
+    boot_timeout: float = 300,
+    options: MountOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> InstantSession:
+    """Boot the VM of `point` from the repository; returns the running session (saved in WORKDIR)."""
+    from surepoint.jobs.vm_restore import rewrite_command_line
+
+    say = log or (lambda _m: None)
+    started = time.monotonic()
+    vm = point.metadata.get("vm")
+    if not vm:
+        raise UsageError(f"restore point {point.id} ({point.name}) is not a VM backup: nothing to boot")
+    argv = vm.get("command_line") or []
+    if not argv:
+        raise UsageError(f"restore point {point.id} has no saved QEMU command line: use `surepoint vm restore`")
+    if os.geteuid() != 0:
+        raise UsageError("instant recovery needs root (FUSE mount of the repository)")
+    workdir = os.path.abspath(workdir or default_workdir(point))
+    os.makedirs(workdir, exist_ok=True)
+    _check_workdir_free(workdir)
+    mount_dir = os.path.join(workdir, MOUNT_SUBDIR)
+    os.makedirs(mount_dir, exist_ok=True)
+    session = InstantSession(
+        workdir=workdir,
+        restore_point=point.id,
+        name=f"{point.name}-instant",
+        repository=repository.id,
+        mount_dir=mount_dir,
+    )
+    session.save()
+    try:
+        opts = options or MountOptions()
+        opts.filesystems = False
+        opts.foreground = False
+        state = mount_restore_point(repository, point, mount_dir, opts, say=say)
+        images = {d["number"]: d for d in state.disks}
+        say(f"restore point {point.id} mounted at {mount_dir} ({time.monotonic() - started:.1f} s)")
+        for disk in point.disks:
+            image = images[disk.number]["image"]
+            overlay = os.path.join(workdir, f"disk{disk.number}.qcow2")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(overlay)
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image, "-F", "raw", overlay])
+            session.overlays.append(
+                {"number": disk.number, "name": disk.name, "image": image, "overlay": overlay, "size": disk.size}
+            )
+        session.save()
+        saved_disks = vm.get("disks", [])
+        overlays = [o["overlay"] for o in session.overlays]
+        if len(saved_disks) != len(overlays):
+            raise TargetError(
+                f"restore point {point.id} has {len(overlays)} disks but its VM metadata names {len(saved_disks)}"
+            )
+        argv = [a for a in argv if a != "-daemonize"]  # QEMU must stay the process we started
+        argv = rewrite_command_line(argv, saved_disks, overlays, "qcow2", workdir, session.name)
+        missing = [o for o in overlays if not any(o in a for a in argv)]
+        if missing:
+            raise TargetError(
+                "cannot find the VM's disks in its saved command line (disk "
+                + ", ".join(os.path.basename(m) for m in missing)
+                + "); use `surepoint vm restore`"
+            )
+        session.argv = argv
+        info = parse_command_line(argv)
+        if info is None:
+            raise UsageError("the saved command line has no QMP socket: use `surepoint vm restore`")
+        session.qmp = info.qmp
+        for name in ("qmp.sock", "console.log"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(workdir, name))
+        session.save()
+        boot_started = time.monotonic()
+        _boot(session, boot_timeout)
+        session.boot_seconds = round(time.monotonic() - boot_started, 2)
+        session.total_seconds = round(time.monotonic() - started, 2)
+        session.status = "running"
+        session.save()
+        say(f"VM {session.name} (pid {session.pid}) answered on its guest agent after {session.boot_seconds:.1f} s")
+        return session
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _cleanup(session, say)
+        raise
+
+
+def _boot(session: InstantSession, timeout: float) -> None:
+    """Start QEMU in a session of its own (it outlives the command); wait for its guest agent.
+
+    The pid is saved at once, so that an interrupted or failed boot is cleaned up like a crash.
+    """
+    info = parse_command_line(session.argv)
+    session.guest_agent = info.guest_agent if info else None
+    with open(os.path.join(session.workdir, "qemu.log"), "ab") as logf:
+        proc = subprocess.Popen(
+            session.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
+    session.pid = proc.pid
+    session.pid_start = process_start(proc.pid)
+    session.save()
+    if session.guest_agent is None:
+        raise UsageError(
+            "the saved command line has no guest-agent channel: cannot tell when the VM is up; "
+            "use `surepoint vm restore`"
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TargetError(
+                f"QEMU exited with {proc.returncode} while booting: {_tail(os.path.join(session.workdir, 'qemu.log'))}"
+            )
+        if os.path.exists(session.guest_agent):
+            try:
+                with GuestAgent(session.guest_agent, timeout=2.0, sync_timeout=1.0) as agent:
+                    agent.ping()
+                return
+            except GuestAgentError:
+                pass
+        time.sleep(0.5)
+    raise TargetError(f"the VM did not answer on its guest agent within {timeout:.0f} s")
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.strip() for line in f.readlines()[-lines:]) or "nothing logged"
+    except OSError:
+        return "nothing logged"
+
+
+def _stop_qemu(session: InstantSession, say: Callable[[str], None], timeout: float = 20.0) -> None:
+    if not session.qemu_alive():
+        return
+    # EOFError: QmpConnection.close() lets it through when QEMU closed the socket on quit
+    with contextlib.suppress(QmpError, OSError, EOFError), QmpConnection(session.qmp, timeout=10) as qmp:
+        qmp.execute("quit")
+    deadline = time.monotonic() + timeout
+    while session.qemu_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(session.pid, os.WNOHANG)  # type: ignore[arg-type] # reap it when it is our child
+        time.sleep(0.2)
+    if session.qemu_alive():
+        say(f"QEMU (pid {session.pid}) did not quit: killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(session.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while session.qemu_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(session.pid, os.WNOHANG)  # type: ignore[arg-type]
+            time.sleep(0.1)
+        if session.qemu_alive():
+            raise TargetError(f"cannot stop QEMU (pid {session.pid}); the overlays and the mount are left in place")
+
+
+def _unmount(session: InstantSession, say: Callable[[str], None]) -> None:
+    clean_stale(log=say)
+    state = find_state(session.mount_dir)
+    if state is not None:
+        try:
+            teardown(state, lazy=False, log=say)
+        except SurepointError as exc:
+            say(f"{exc}; detaching lazily")
+            teardown(state, lazy=True, log=say)
+    with contextlib.suppress(OSError):
+        os.rmdir(session.mount_dir)
+
+
+def _cleanup(session: InstantSession, say: Callable[[str], None]) -> None:
+    """Stop QEMU, remove the overlays, unmount the repository, forget the session."""
+    _stop_qemu(session, say)
+    for entry in session.overlays:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry["overlay"])
+    _unmount(session, say)
+    for name in ("qmp.sock", "console.log", STATE_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(session.workdir, name))
+    for arg in session.argv:  # the guest-agent and other chardev sockets QEMU made in WORKDIR
+        for part in arg.split(","):
+            if part.startswith("path=") and os.path.dirname(part[5:]) == session.workdir:
+                with contextlib.suppress(OSError):
+                    os.unlink(part[5:])
+
+
+def _load(workdir: str) -> InstantSession:
+    workdir = os.path.abspath(workdir)
+    session = InstantSession.load(workdir)
+    if session is None:
+        raise UsageError(f"no instant recovery in {workdir} (no {STATE_FILE})")
+    return session
+
+
+def discard_instant(workdir: str, log: Callable[[str], None] | None = None) -> InstantSession:
+    """Stop the instant VM and drop everything it wrote; also cleans a crashed session."""
+    say = log or (lambda _m: None)
+    session = _load(workdir)
+    if session.status == "migrated":
+        raise UsageError(
+            f"the VM of {session.workdir} was migrated to {session.migrated_to} and no longer depends on the "
+            "repository: there is nothing to discard (stop the VM through its QMP socket "
+            f"{session.qmp} if it is not wanted)"
+        )
+    _cleanup(session, say)
+    return session
+
+
+def _wait_jobs(qmp: QmpConnection, jobs: list[str], until: str, timeout: float, say: Callable[[str], None]) -> None:
+    """Wait until every job is `ready` (until="ready") or `concluded` (until="concluded"); raise on failure."""
+    deadline = time.monotonic() + timeout
+    last_report = 0.0
+    while True:
+        status = {j["id"]: j for j in qmp.execute("query-jobs") if j["id"] in jobs}
+        for job_id in jobs:
+            job = status.get(job_id)
+            if job is None:
+                raise TargetError(f"block job {job_id} disappeared")
+            if job.get("error"):
+                raise TargetError(f"block job {job_id} failed: {job['error']}")
+            if until == "ready" and job["status"] == "concluded":
+                raise TargetError(f"block job {job_id} ended before it was ready")
+        if all(status[j]["status"] == until for j in jobs):
+            return
+        now = time.monotonic()
+        if now > deadline:
+            raise TargetError(f"the block mirror did not become {until} within {timeout:.0f} s")
+        if until == "ready" and now - last_report > 10:
+            last_report = now
+            done = sum(status[j].get("current-progress", 0) for j in jobs)
+            total = sum(status[j].get("total-progress", 0) for j in jobs) or 1
+            say(f"mirroring: {100 * done / total:.0f}% ({done >> 20} of {total >> 20} MiB)")
+        time.sleep(0.5)
+
+
+def migrate_instant(
+    workdir: str, target_dir: str, log: Callable[[str], None] | None = None, timeout: float = MIRROR_TIMEOUT
+) -> InstantSession:
+    """Mirror the running instant VM's disks into TARGET_DIR, switch over, drop the repository."""
+    from surepoint.jobs.vm_restore import rewrite_command_line
+
+    say = log or (lambda _m: None)
+    session = _load(workdir)
+    if session.status == "migrated":
+        raise UsageError(f"the VM of {session.workdir} was already migrated to {session.migrated_to}")
+    if not session.qemu_alive():
+        raise TargetError(
+            f"the instant VM's QEMU (pid {session.pid}) is gone: nothing to migrate; "
+            f"clean up with: surepoint instant-recover --discard --workdir {session.workdir}"
+        )
+    target_dir = os.path.abspath(target_dir)
+    os.makedirs(target_dir, exist_ok=True)
+    started = time.monotonic()
+    try:
+        qmp = QmpConnection(session.qmp, timeout=60)
+    except QmpError as exc:
+        raise TargetError(f"cannot reach the instant VM's QMP socket {session.qmp}: {exc}") from None
+    with qmp:
+        devices = qmp.block_devices()
+        by_overlay = {}
+        for dev in devices:
+            match = next((o for o in session.overlays if o["overlay"] in dev.filename), None)
+            if match is not None:
+                by_overlay[match["number"]] = dev
+        if len(by_overlay) != len(session.overlays):
+            raise TargetError(
+                "the instant VM's disks are not all on their overlays any more: "
+                + ", ".join(f"{d.node_name or d.device}={d.filename}" for d in devices)
+            )
+        plan = []
+        for entry in session.overlays:
+            dev = by_overlay[entry["number"]]
+            base = os.path.basename(entry["name"]) or "disk"
+            target = os.path.join(target_dir, f"disk{entry['number']}-{base}.qcow2")
+            if os.path.exists(target):
+                raise UsageError(f"{target} exists: choose an empty --migrate-to directory")
+            plan.append((entry, dev, target, f"{JOB_PREFIX}{entry['number']}"))
+        created: list[tuple[str, str]] = []  # (node name, path)
+        jobs: list[str] = []
+        try:
+            for entry, dev, target, node in plan:
+                _run(["qemu-img", "create", "-q", "-f", "qcow2", target, str(dev.size)])
+                created.append((node, target))
+                qmp.execute_args(
+                    "blockdev-add",
+                    {
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": target},
+                        # the raw images on FUSE report no holes: zeros are copied as data; keep them sparse
+                        "detect-zeroes": "unmap",
+                        "discard": "unmap",
+                    },
+                )
+                source = dev.device or dev.node_name
+                qmp.execute_args(
+                    "blockdev-mirror",
+                    {
+                        "job-id": node,
+                        "device": source,
+                        "target": node,
+                        "sync": "full",
+                        "auto-dismiss": False,
+                    },
+                )
+                jobs.append(node)
+                say(f"disk {entry['number']} ({entry['name']}): mirroring {dev.size >> 20} MiB to {target}")
+            _wait_jobs(qmp, jobs, "ready", timeout, say)
+            say(f"all disks in sync after {time.monotonic() - started:.1f} s: switching over")
+            for job in jobs:
+                qmp.execute("block-job-complete", device=job)
+            _wait_jobs(qmp, jobs, "concluded", 300, say)
+        except BaseException:
+            for job in jobs:
+                with contextlib.suppress(QmpError):
+                    qmp.execute("block-job-cancel", device=job, force=True)
+            for job in jobs:
+                with contextlib.suppress(QmpError):
+                    _wait_jobs(qmp, [job], "concluded", 30, say)
+                with contextlib.suppress(QmpError):
+                    qmp.execute("job-dismiss", id=job)
+            for node, path in created:
+                with contextlib.suppress(QmpError):
+                    qmp.execute("blockdev-del", node_name=node)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise
+        for job in jobs:
+            qmp.execute("job-dismiss", id=job)
+        # the devices now use the targets; the old overlay nodes (and their FUSE backing files) go
+        for _entry, dev, _target, _node in plan:
+            if dev.node_name:
+                try:
+                    qmp.execute("blockdev-del", node_name=dev.node_name)
+                except QmpError as exc:  # a -drive node belongs to its device and went with the switch
+                    say(f"old node {dev.node_name}: {exc}")
+        watched = [session.mount_dir] + [o["overlay"] for o in session.overlays]
+        still = [
+            n.get("node-name") or "?"
+            for n in qmp.query_named_block_nodes()
+            if any(w in (n.get("file") or "") for w in watched)
+        ]
+        if still:
+            raise TargetError(f"QEMU still uses the repository mount (nodes {', '.join(still)}); not unmounting")
+        now_on = {d.node_name: d.filename for d in qmp.block_devices()}
+    session.status = "migrated"
+    session.migrated_to = target_dir
+    session.disks = [target for _e, _d, target, _n in plan]
+    session.save()
+    say(f"switched over: the VM runs from {target_dir} ({', '.join(now_on.values())})")
+    for entry in session.overlays:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry["overlay"])
+    _unmount(session, say)
+    # a start script for the next boot, from the targets (sockets in the target directory)
+    argv = list(session.argv)
+    overlay_disks = [{"filename": o["overlay"]} for o in session.overlays]
+    argv = rewrite_command_line(argv, overlay_disks, session.disks, "qcow2", target_dir, session.name)
+    script = os.path.join(target_dir, "start-vm.sh")
+    with open(script, "w") as f:
+        f.write(
+            f"#!/bin/sh\n# Migrated by surepoint from instant recovery of restore point {session.restore_point}\n"
+            "exec " + " ".join(shlex.quote(a) for a in argv) + "\n"
+        )
+    os.chmod(script, 0o755)
+    say(f"migration done in {time.monotonic() - started:.1f} s; start script for the next boot: {script}")
+    return session
