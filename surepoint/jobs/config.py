@@ -55,6 +55,8 @@ def parse_job(raw: dict, path: str = "<job>") -> JobConfig:
             raise bad("give either `vm` (back up a running VM) or `sources` (image files), not both")
     elif not isinstance(sources, list) or not sources or not all(isinstance(s, str) for s in sources):
         raise bad('`sources` must be a non-empty list of image or device paths, e.g. sources = ["/srv/db.img"]')
+    if vm is not None and raw.get("name") not in (None, vm):
+        raise bad("a VM job's restore points are named after the VM: drop `name` or set it to the VM's name")
     name = raw.get("name") or vm or os.path.basename(sources[0])
     if not isinstance(name, str):
         raise bad("`name` must be a string")

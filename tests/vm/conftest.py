@@ -248,5 +248,5 @@ def no_surepoint_bitmaps(test_vm: TestVm) -> Iterator[None]:
     with test_vm.qmp() as conn:
         for node in conn.query_named_block_nodes():
             for bitmap in node.get("dirty-bitmaps", []):
-                if node["node-name"] in test_vm.disks and bitmap["name"].startswith("surepoint-"):
+                if node["node-name"] in test_vm.disks and bitmap.get("name", "").startswith("surepoint-"):
                     conn.execute("block-dirty-bitmap-remove", node=node["node-name"], name=bitmap["name"])
