@@ -83,6 +83,9 @@ class Quiescer:
         for writer in self.writers:
             if self._phase(writer, "identify", writer.identify) and self._phase(writer, "prepare", writer.prepare):
                 self._prepared.append(writer)
+            else:
+                # it takes no further part, but may hold a session (psql started, a backup begun): end it now
+                self._abort_one(writer)
         try:
             self._check_policy()
         except ConsistencyRequired:
@@ -167,3 +170,12 @@ class Quiescer:
     def abort(self) -> None:
         for writer in self._prepared:
             self._phase(writer, "abort", writer.abort)
+
+    def _abort_one(self, writer: Writer) -> None:
+        """Abort a writer that already failed, keeping the first failure as the reason."""
+        try:
+            writer.abort()
+        except Exception as exc:  # noqa: BLE001 - recorded; the earlier failure is what the job reports
+            self._event(writer, "abort", "failed", str(exc))
+        else:
+            self._event(writer, "abort", "ok", "")

@@ -9,13 +9,16 @@ every disk; the next backup reads only what that bitmap marks, and falls back to
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from surepoint.backup import BackupRequest, run_backup
 from surepoint.catalog import Catalog
 from surepoint.consistency.guest_fsfreeze import GuestFsFreezeWriter
-from surepoint.consistency.guest_runner import GuestRunner
+from surepoint.consistency.guest_runner import SESSION_LEASE, GuestRunner
 from surepoint.consistency.logs import handle_logs
 from surepoint.consistency.quiesce import ConsistencyRequired, QuiesceOutcome, Quiescer
 from surepoint.consistency.registry import build_writers
@@ -23,9 +26,10 @@ from surepoint.consistency.writer import Writer
 from surepoint.manifest import RestorePoint
 from surepoint.repository import Repository
 from surepoint.vm.errors import GuestAgentError, QmpError, VmError
-from surepoint.vm.fleece import PointInTimeView
+from surepoint.vm.fleece import PointInTimeView, _wait_until
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.inventory import VmInfo
+from surepoint.vm.libvirt_domain import domain_metadata, open_guest_agent, open_qmp
 from surepoint.vm.qmp import BlockDevice, QmpConnection
 
 BITMAP_PREFIX = "surepoint-"
@@ -53,8 +57,65 @@ class VmJobResult:
 def _bitmaps(qmp: QmpConnection, node: str) -> dict[str, dict]:
     for entry in qmp.query_named_block_nodes():
         if entry.get("node-name") == node:
-            return {b["name"]: b for b in entry.get("dirty-bitmaps", [])}
+            # a running backup job's copy-before-write bitmap has no name
+            return {b["name"]: b for b in entry.get("dirty-bitmaps", []) if b.get("name")}
     return {}
+
+
+def _image_of(node: dict) -> str | None:
+    """The image file of a qcow2 node (its `file` is a json: pseudo-filename when it has a backing node)."""
+    name = node.get("file") or ""
+    if name.startswith("json:"):
+        with contextlib.suppress(ValueError, AttributeError):
+            return json.loads(name[5:]).get("file", {}).get("filename")
+        return None
+    return name or None
+
+
+def _remove_dead_views(qmp: QmpConnection) -> list[str]:
+    """Take down what a job that died (killed, host crash) left of its point-in-time view in QEMU: NBD
+    exports, backup jobs (whose copy-before-write filter slows every guest write), temporary nodes and
+    their images, the NBD server. QMP takes one client at a time and a job holds its connection from
+    start to end, so a view still there when a job starts is a dead job's. Returns what was removed."""
+    removed: list[str] = []
+    workdirs: set[str] = set()
+    for export in qmp.execute("query-block-exports"):
+        export_id = export.get("id", "")
+        if export_id.startswith("sp-export-"):
+            with contextlib.suppress(QmpError):
+                qmp.execute("block-export-del", id=export_id, mode="hard")
+            _wait_until(
+                lambda i=export_id: all(e.get("id") != i for e in qmp.execute("query-block-exports")),
+                30,
+                f"export {export_id} to go away",
+            )
+            removed.append(f"export {export_id}")
+    for job in qmp.query_block_jobs():
+        job_id = job.get("device", "")
+        if job_id.startswith("sp-backup-"):
+            with contextlib.suppress(QmpError):
+                qmp.execute("block-job-cancel", device=job_id, force=True)
+            _wait_until(
+                lambda j=job_id: all(x.get("device") != j for x in qmp.query_block_jobs()), 30, f"job {job_id} to end"
+            )
+            removed.append(f"job {job_id}")
+    for node in qmp.query_named_block_nodes():
+        name = node.get("node-name", "")
+        if name.startswith("sp-fleece-"):
+            image = _image_of(node)
+            qmp.execute("blockdev-del", node_name=name)
+            removed.append(f"node {name}")
+            if image and os.path.basename(image).startswith("fleece-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(image)
+                if os.path.basename(os.path.dirname(image)).startswith("surepoint-fleece-"):
+                    workdirs.add(os.path.dirname(image))  # also holds the NBD server's socket
+    if removed:  # the dead job's NBD server (an export of ours was on it)
+        with contextlib.suppress(QmpError):
+            qmp.execute("nbd-server-stop")
+    for workdir in workdirs:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return removed
 
 
 def _usable_base_bitmap(
@@ -124,7 +185,11 @@ def backup_vm(
     event("job", "start", "ok", f"backup of VM {vm.name}")
     agent: GuestAgent | None = None
     try:
-        with QmpConnection(vm.qmp) as qmp:
+        with open_qmp(vm) as qmp:  # a libvirt domain: QMP through libvirtd
+            # first: a dead job's backup filter would show as the top node of every disk
+            leftovers = _remove_dead_views(qmp)
+            if leftovers:
+                event("job", "cleanup", "warning", "removed a dead job's point-in-time view: " + ", ".join(leftovers))
             devices = qmp.block_devices()
             if not devices:
                 raise QmpError(f"VM {vm.name} has no disks")
@@ -142,12 +207,14 @@ def backup_vm(
                 why = "the VM has no guest-agent channel"
                 if vm.guest_agent:
                     try:
-                        agent = GuestAgent(vm.guest_agent, timeout=10)
+                        agent = open_guest_agent(vm, timeout=10)
                     except GuestAgentError as exc:
                         why = f"guest agent unavailable: {exc}"
                         event("guest-fsfreeze", "identify", "failed", why)
                 if agent is not None:
-                    app_writers = build_writers(options.writers, GuestRunner(agent, vm.name))
+                    # a session may wait out the others' prepare and the freeze window before its next request
+                    lease = max(SESSION_LEASE, 4 * options.freeze_timeout)
+                    app_writers = build_writers(options.writers, GuestRunner(agent, vm.name, session_lease=lease))
                     writers.extend(app_writers)
                     writers.append(GuestFsFreezeWriter(agent, {"timeout": options.freeze_timeout}))
                 elif options.fallback == "require":
@@ -204,6 +271,7 @@ def backup_vm(
                         metadata={
                             "vm": {
                                 "command_line": vm.command_line,
+                                **domain_metadata(vm),  # a libvirt domain: its URI and XML
                                 "disks": [asdict(d) for d in devices],
                                 "bitmap": new_bitmap,
                                 "bitmap_persistent": persistent,
@@ -211,6 +279,7 @@ def backup_vm(
                                 "notes": notes,
                             },
                             "writers": outcome.writer_metadata,
+                            "log_mode": options.logs,
                             "consistency_failures": outcome.failures,
                             "freeze_seconds": round(outcome.freeze_seconds, 3),
                         },
@@ -231,6 +300,7 @@ def backup_vm(
                 view.close(success=True)
             except VmError as exc:  # the restore point is committed; a leftover node is only untidy
                 event("job", "cleanup", "warning", str(exc))
+            event("job", "commit", "ok", f"restore point {point.id} committed ({point.consistency}-consistent)")
             quiescer.complete(point.id)
             if app_writers:
                 handle_logs(

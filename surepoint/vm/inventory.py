@@ -4,6 +4,8 @@ A VM run by plain QEMU is found from its command line (/proc/PID/cmdline): `-nam
 monitor socket (`-qmp unix:PATH` or `-chardev socket,path=PATH,id=X -mon chardev=X,mode=control`)
 and the guest-agent channel (a chardev bound to `virtserialport ... name=org.qemu.guest_agent.0`).
 An inventory file (TOML, `[vm.NAME] qmp = "..." guest_agent = "..."`) names VMs explicitly.
+Running libvirt domains (SUREPOINT_LIBVIRT_URI, default qemu:///system) are listed too, when
+libvirt-python is installed and libvirtd answers: see surepoint.vm.libvirt_domain.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class VmInfo:
     guest_agent: str | None = None
     pid: int | None = None
     command_line: list[str] = field(default_factory=list)
+    libvirt_uri: str | None = None  # set for a libvirt domain: QMP and agent go through libvirtd
+    domain_xml: str | None = None  # a libvirt domain's XML (its configuration)
 
 
 def _options(text: str) -> dict[str, str]:
@@ -91,6 +95,11 @@ def running_vms() -> list[VmInfo]:
             info = parse_command_line(argv, int(entry))
             if info:
                 vms.append(info)
+    from surepoint.vm.libvirt_domain import running_domains
+
+    domains = running_domains()  # libvirt owns their monitors: reached through libvirtd, not a socket
+    owned = {d.pid for d in domains if d.pid}
+    vms = [v for v in vms if v.pid not in owned] + domains
     return sorted(vms, key=lambda v: v.name)
 
 
