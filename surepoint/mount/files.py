@@ -486,10 +486,10 @@ def pick_volume(mounts: list[dict], disk: int | None, partition: str | None) -> 
 
 
 def guest_agent_for(vm_name: str, inventory: str | None):
-    from surepoint.vm.guest_agent import GuestAgent
     from surepoint.vm.inventory import find_vm
+    from surepoint.vm.libvirt_domain import open_guest_agent
 
     vm = find_vm(vm_name, inventory)
-    if not vm.guest_agent:
+    if not vm.guest_agent and not vm.libvirt_uri:
         raise UsageError(f"VM {vm_name!r} has no guest-agent channel (org.qemu.guest_agent.0)")
-    return GuestAgent(vm.guest_agent, timeout=60.0)
+    return open_guest_agent(vm, timeout=60.0)  # through libvirtd for a libvirt domain
