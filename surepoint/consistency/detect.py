@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from surepoint.consistency.registry import build_writers
 from surepoint.consistency.runner import CommandRunner
+from surepoint.processes import command_lines
 
 
 def identify_configured(configs: list[dict], runner: CommandRunner) -> list[dict]:
@@ -41,25 +42,10 @@ def identify_configured(configs: list[dict], runner: CommandRunner) -> list[dict
     return results
 
 
-def _processes() -> list[tuple[str, list[str]]]:
-    procs = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        except OSError:
-            continue
-        if argv:
-            procs.append((pid, argv))
-    return procs
-
-
 def detect_host_applications(runner: CommandRunner) -> list[dict]:
     """Running PostgreSQL clusters and MariaDB/MySQL servers, with their data directories."""
     found = []
-    for _pid, argv in _processes():
+    for _pid, argv in command_lines():
         exe = os.path.basename(argv[0])
         if exe in ("postgres", "postmaster") and "-D" in argv:
             data_dir = argv[argv.index("-D") + 1]

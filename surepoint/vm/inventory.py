@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from surepoint.errors import UsageError
+from surepoint.processes import command_lines
 from surepoint.vm.errors import VmError
 
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
@@ -83,16 +84,9 @@ def parse_command_line(argv: list[str], pid: int | None = None) -> VmInfo | None
 
 def running_vms() -> list[VmInfo]:
     vms = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]).startswith("qemu-system"):
-            info = parse_command_line(argv, int(entry))
+    for pid, argv in command_lines():
+        if os.path.basename(argv[0]).startswith("qemu-system"):
+            info = parse_command_line(argv, pid)
             if info:
                 vms.append(info)
     from surepoint.vm.libvirt_domain import running_domains
