@@ -688,6 +688,35 @@ def writers_detect(
 
 
 @app.command()
+def passwd(
+    ctx: typer.Context,
+    new_passphrase_file: Annotated[
+        str | None,
+        typer.Option(envvar="SUREPOINT_NEW_PASSPHRASE_FILE", help="Read the new passphrase from a file."),
+    ] = None,
+) -> None:
+    """Change the repository passphrase (the data keys stay; only their wrapping changes)."""
+    c: Context = ctx.obj
+    repo = c.open_repository()
+    new = os.environ.get("SUREPOINT_NEW_PASSPHRASE")
+    if new is None and new_passphrase_file:
+        try:
+            with open(new_passphrase_file) as f:
+                new = f.read().rstrip("\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read {new_passphrase_file}: {exc.strerror}") from None
+    if new is None:
+        if not sys.stdin.isatty():
+            raise UsageError("give the new passphrase in SUREPOINT_NEW_PASSPHRASE or --new-passphrase-file")
+        new = getpass.getpass("new passphrase: ")
+        if getpass.getpass("repeat new passphrase: ") != new:
+            raise UsageError("the passphrases do not match")
+    repo.change_passphrase(c.passphrase(), new)
+    c.catalog().add_event(repo.id, "repository", "passwd", "ok", "passphrase changed")
+    out.print(f"passphrase of repository {repo.id} changed")
+
+
+@app.command()
 def unlock(ctx: typer.Context) -> None:
     """Remove locks left by processes that are gone (this host) or abandoned (other hosts)."""
     c: Context = ctx.obj

@@ -73,3 +73,15 @@ def unwrap_keys(record: dict, passphrase: str, repository_id: str) -> Keys:
 
 def _key_aad(repository_id: str) -> bytes:
     return b"surepoint-key:" + repository_id.encode()
+
+
+def rewrap_keys(record: dict, old_passphrase: str, new_passphrase: str, repository_id: str) -> dict:
+    """The config record with the same keys wrapped by a new passphrase (fresh salt); no data changes."""
+    if not new_passphrase:
+        raise UsageError("the new passphrase must not be empty")
+    keys = unwrap_keys(record, old_passphrase, repository_id)
+    kdf = {"name": "scrypt", **DEFAULT_SCRYPT, "salt": _b64(os.urandom(16))}
+    nonce = os.urandom(NONCE_SIZE)
+    secret = json.dumps({"data": _b64(keys.data), "chunk_id": _b64(keys.chunk_id)}).encode()
+    wrapped = CIPHERS[record["cipher"]](_kek(new_passphrase, kdf)).encrypt(nonce, secret, _key_aad(repository_id))
+    return {"cipher": record["cipher"], "kdf": kdf, "wrapped_key": _b64(nonce + wrapped)}

@@ -131,6 +131,15 @@ class Repository:
             keys = crypto.unwrap_keys(config["encryption"], passphrase(), config["id"])
         return cls(backend, config, keys)
 
+    def change_passphrase(self, old_passphrase: str, new_passphrase: str) -> None:
+        """Rewrap the repository keys; the config is replaced atomically, nothing else is touched."""
+        if not self.config.get("encryption"):
+            raise UsageError("this repository is not encrypted: it has no passphrase")
+        config = dict(self.config)
+        config["encryption"] = crypto.rewrap_keys(config["encryption"], old_passphrase, new_passphrase, self.id)
+        self.backend.put(CONFIG, json.dumps(config, indent=2).encode())
+        self.config = config
+
     # restore points -------------------------------------------------------------------------
 
     def new_restore_point_id(self) -> str:

@@ -142,3 +142,19 @@ def test_block_device_backup_and_restore(cli, tmp_path):
         for loop in loops:
             subprocess.run(["losetup", "-d", loop], check=False)
     assert sha256_file(target_file) == sha256_file(image)
+
+
+def test_change_passphrase_keeps_data(cli, tmp_path):
+    image = make_image(tmp_path / "disk.img", 8 << 20, seed=9)
+    cli.run("init", "--encryption", "aes-256-gcm", check=True)
+    cli.run("backup", str(image), "--name", "d", check=True)
+    cli.run("passwd", env={"SUREPOINT_NEW_PASSPHRASE": "a new one"}, check=True)
+    old = cli.run("list")
+    assert old.returncode == 1 and "wrong passphrase" in old.stderr
+    new_env = {"SUREPOINT_PASSPHRASE": "a new one"}
+    out = tmp_path / "out.img"
+    cli.run("restore", "d:latest", "--to", str(out), env=new_env, check=True)
+    assert sha256_file(out) == sha256_file(image)
+    assert cli.run("verify", env=new_env).returncode == 0
+    empty = cli.run("passwd", env={**new_env, "SUREPOINT_NEW_PASSPHRASE": ""})
+    assert empty.returncode == 2 and "must not be empty" in empty.stderr
