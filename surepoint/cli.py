@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated
@@ -334,20 +336,15 @@ def _backup_job(c: Context, job_file: str) -> RestorePoint:
     repo = c.open_repository()
     if job.vm:
         return _backup_vm_job(c, repo, job)
-    bars = []
+    # The bar can only be drawn once the job knows the size (after the snapshot); it closes with the job.
+    with contextlib.ExitStack() as bars:
 
-    def progress_factory(total: int):
-        manager = byte_progress(err, f"backup {job.name}", total)
-        bars.append(manager)
-        return manager.__enter__()
+        def progress_factory(total: int) -> Callable[[int], None]:
+            return bars.enter_context(byte_progress(err, f"backup {job.name}", total))
 
-    try:
         result = run_host_job(
             repo, c.catalog(), job, progress_factory=progress_factory, log=lambda m: err.print(f"  {m}")
         )
-    finally:
-        for manager in bars:
-            manager.__exit__(None, None, None)
     if result.outcome.failures:
         _say_warning(f"{result.restore_point.consistency}-consistent only: " + "; ".join(result.outcome.failures))
     return result.restore_point
