@@ -33,7 +33,7 @@ def rewrite_command_line(
     while i < len(argv):
         flag = argv[i]
         value = argv[i + 1] if i + 1 < len(argv) else None
-        if value is None or not flag.startswith("-"):
+        if value is None or not flag.startswith("-") or value.startswith("-"):  # a value never starts with "-"
             out.append(flag)
             i += 1
             continue

@@ -1,0 +1,1 @@
+"""The recovery-verification lab: VMs booted from backups on an isolated network."""
