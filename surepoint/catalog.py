@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS verifications (
     restore_point TEXT NOT NULL,
     time TEXT NOT NULL,
     kind TEXT NOT NULL,          -- integrity | recovery
-    state TEXT NOT NULL,         -- verified | damaged | failed
+    state TEXT NOT NULL,         -- integrity: verified | damaged; recovery: verified | failed
     details TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS verifications_by_point ON verifications(repository, restore_point);
@@ -143,10 +143,36 @@ class Catalog:
             return None
         return {"time": row[0], "state": row[1], "details": json.loads(row[2])}
 
-    def state_of(self, repository: str, restore_point: str) -> str:
-        """unverified / verified / damaged, from the latest integrity check of the restore point."""
-        latest = self.latest_verification(repository, restore_point, "integrity")
-        return latest["state"] if latest else "unverified"
+    def verification_summary(self, repository: str, restore_point: str, bootable: bool = False) -> dict[str, str]:
+        """The latest integrity and recovery results of a restore point, and what they add up to.
+
+        integrity: unverified / verified / damaged (its chunks re-read and checked).
+        recovery: unverified / verified / failed (booted in a lab and its tests run).
+        state: damaged or failed when either says so; verified when its chunks are intact and, for
+        a restore point that can boot (a VM), the lab tests passed too; intact when only the chunks
+        were checked; boots when only the lab ran; else unverified.
+        """
+        integrity = self.latest_verification(repository, restore_point, "integrity")
+        recovery = self.latest_verification(repository, restore_point, "recovery")
+        integrity_state = integrity["state"] if integrity else "unverified"
+        recovery_state = recovery["state"] if recovery else "unverified"
+        if integrity_state == "damaged":
+            state = "damaged"
+        elif recovery_state == "failed":
+            state = "failed"
+        elif integrity_state == "verified" and (recovery_state == "verified" or not bootable):
+            state = "verified"
+        elif integrity_state == "verified":
+            state = "intact"
+        elif recovery_state == "verified":
+            state = "boots"
+        else:
+            state = "unverified"
+        return {"state": state, "integrity": integrity_state, "recovery": recovery_state}
+
+    def state_of(self, repository: str, restore_point: str, bootable: bool = False) -> str:
+        """The overall verification state (see verification_summary)."""
+        return self.verification_summary(repository, restore_point, bootable)["state"]
 
     # transaction logs waiting for verification (log mode after-verify) ---------------------
 

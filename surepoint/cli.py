@@ -197,7 +197,7 @@ def backup(
         raise UsageError("give either SOURCE... or --job FILE")
     point = _backup_job(c, job) if job else _backup_sources(c, sources or [], name, full)
     if as_json:
-        _print_json(_point_json(point, "unverified"))
+        _print_json(_point_json(point, {"state": "unverified", "integrity": "unverified", "recovery": "unverified"}))
         return
     new = sum(d.new_bytes for d in point.disks)
     stored = sum(d.stored_bytes for d in point.disks)
@@ -350,11 +350,15 @@ def _backup_job(c: Context, job_file: str) -> RestorePoint:
     return result.restore_point
 
 
-def _point_json(point: RestorePoint, state: str) -> dict:
+def _point_json(point: RestorePoint, verification: dict[str, str]) -> dict:
     data = asdict(point)
-    data["state"] = state
+    data.update(verification)  # state, integrity, recovery
     data["size"] = point.size
     return data
+
+
+def _verification(catalog: Catalog, repo: Repository, point: RestorePoint) -> dict[str, str]:
+    return catalog.verification_summary(repo.id, point.id, bootable=bool(point.metadata.get("vm")))
 
 
 @app.command("list")
@@ -372,7 +376,7 @@ def list_points(
         _print_json(
             {
                 "repository": repo.id,
-                "restore_points": [_point_json(p, catalog.state_of(repo.id, p.id)) for p in points],
+                "restore_points": [_point_json(p, _verification(catalog, repo, p)) for p in points],
                 "damaged_manifests": repo.damaged_manifests,
             }
         )
@@ -388,7 +392,7 @@ def list_points(
             str(len(p.disks)),
             _human(p.size),
             p.consistency,
-            catalog.state_of(repo.id, p.id),
+            _verification(catalog, repo, p)["state"],
             _human(sum(d.stored_bytes for d in p.disks)),
         )
     out.print(table)
@@ -402,7 +406,7 @@ def show(ctx: typer.Context, restore_point: str, as_json: JsonOption = False) ->
     c: Context = ctx.obj
     repo = c.open_repository()
     point = repo.resolve(restore_point)
-    data = _point_json(point, c.catalog().state_of(repo.id, point.id))
+    data = _point_json(point, _verification(c.catalog(), repo, point))
     if as_json:
         _print_json(data)
     else:
@@ -474,26 +478,24 @@ def verify(
                 out.print(f"    disk {r.disk} bytes {r.offset}-{r.offset + r.length - 1}: {r.reason}")
         for m in report.damaged_manifests:
             out.print(Text.assemble("  ", ("damaged manifest", "red"), f" {m}"))
-    _prune_after_verify(c, repo, [p.id for p in report.points if p.state == "verified"])
+    _prune_after_verify(c, repo, [p for p in points if p.id in {r.id for r in report.points if r.state == "verified"}])
     if report.damaged:
         raise typer.Exit(EXIT_DAMAGE)
 
 
-def _prune_after_verify(c: Context, repo: Repository, verified: list[str]) -> None:
-    """Log mode after-verify: prune the logs that verified restore points were waiting for."""
-    from surepoint.consistency.logs import run_pending_prunes
-    from surepoint.consistency.runner import HostRunner
+def _prune_after_verify(c: Context, repo: Repository, intact: list[RestorePoint]) -> None:
+    """Log mode after-verify: prune the logs of restore points now verified in full (a VM's also
+    needs a passed recovery lab: `surepoint lab verify`)."""
+    from surepoint.consistency.logs import prune_if_verified
 
     catalog = c.catalog()
-    for point_id in verified:
-        if not catalog.pending_prunes(repo.id, point_id):
-            continue
+    for point in intact:
 
-        def event(component: str, phase: str, outcome: str, message: str = "", point_id: str = point_id) -> None:
+        def event(component: str, phase: str, outcome: str, message: str = "", point_id: str = point.id) -> None:
             catalog.add_event(repo.id, component, phase, outcome, message, restore_point=point_id)
             out.print(f"  {point_id} {component} {phase}: {outcome} {message}")
 
-        run_pending_prunes(catalog, repo.id, point_id, HostRunner(), event)
+        prune_if_verified(catalog, repo.id, point, event, inventory=os.environ.get("SUREPOINT_VM_INVENTORY"))
 
 
 def _parse_since(text: str) -> str:
@@ -757,10 +759,11 @@ def events(
 
 
 def _register_command_modules() -> None:
-    from surepoint.commands import instant, mount
+    from surepoint.commands import instant, lab, mount
 
     mount.register(app)
     instant.register(app)
+    lab.register(app)
 
 
 _register_command_modules()

@@ -12,6 +12,8 @@ from surepoint.catalog import Catalog
 from surepoint.consistency.registry import WRITERS
 from surepoint.consistency.runner import CommandRunner
 from surepoint.consistency.writer import Writer
+from surepoint.errors import SurepointError
+from surepoint.manifest import RestorePoint
 
 EventSink = Callable[[str, str, str, str], None]
 
@@ -66,9 +68,70 @@ def run_pending_prunes(
     """Prune the logs a verified restore point was waiting for; return how many writers pruned."""
     done = 0
     for pending in catalog.pending_prunes(repository_id, restore_point_id):
-        config = pending["writer_config"]
-        writer = WRITERS[pending["writer_type"]](runner, {k: v for k, v in config.items() if k != "type"})
-        if prune_now(writer, pending["metadata"], events):
-            catalog.mark_prune_done(pending["id"])
-            done += 1
+        done += _prune_pending(catalog, pending, runner, events)
+    return done
+
+
+def _prune_pending(catalog: Catalog, pending: dict, runner: CommandRunner, events: EventSink) -> int:
+    config = pending["writer_config"]
+    writer = WRITERS[pending["writer_type"]](runner, {k: v for k, v in config.items() if k != "type"})
+    if prune_now(writer, pending["metadata"], events):
+        catalog.mark_prune_done(pending["id"])
+        return 1
+    return 0
+
+
+def prune_if_verified(
+    catalog: Catalog,
+    repository_id: str,
+    point: RestorePoint,
+    events: EventSink,
+    *,
+    inventory: str | None = None,
+) -> int:
+    """Log mode after-verify: prune what `point` waits for once it is verified, in full.
+
+    Verified in full means its chunks passed an integrity check and, for a VM, a recovery lab
+    booted it and its tests passed (catalog.verification_summary). A VM's logs are pruned inside
+    that VM, through its guest agent; an image file's on this host.
+    """
+    pending = catalog.pending_prunes(repository_id, point.id)
+    if not pending:
+        return 0
+    bootable = bool(point.metadata.get("vm"))
+    summary = catalog.verification_summary(repository_id, point.id, bootable)
+    if summary["state"] != "verified":
+        waiting = [k for k in ("integrity", "recovery") if summary[k] != "verified" and (k == "integrity" or bootable)]
+        for entry in pending:
+            events(
+                entry["writer_type"],
+                "prune-logs",
+                "pending",
+                "logs kept: the restore point is not verified yet ("
+                + ", ".join(f"{k} {summary[k]}" for k in waiting)
+                + ")",
+            )
+        return 0
+    if not bootable:
+        from surepoint.consistency.runner import HostRunner
+
+        return run_pending_prunes(catalog, repository_id, point.id, HostRunner(), events)
+    from surepoint.consistency.guest_runner import GuestRunner
+    from surepoint.mount.files import guest_agent_for
+
+    done = 0
+    by_vm: dict[str, list[dict]] = {}
+    for entry in pending:
+        by_vm.setdefault(entry["source"] or point.name, []).append(entry)
+    for vm_name, entries in by_vm.items():
+        try:
+            agent = guest_agent_for(vm_name, inventory)
+        except SurepointError as exc:
+            for entry in entries:
+                events(entry["writer_type"], "prune-logs", "failed", f"VM {vm_name}: {exc}; logs kept, will retry")
+            continue
+        with agent:
+            runner = GuestRunner(agent, vm_name)
+            for entry in entries:
+                done += _prune_pending(catalog, entry, runner, events)
     return done

@@ -55,6 +55,7 @@ class InstantSession:
     mount_dir: str
     overlays: list[dict] = field(default_factory=list)  # {"number", "name", "image", "overlay", "size"}
     argv: list[str] = field(default_factory=list)
+    command_prefix: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: how QEMU is started
     qmp: str = ""
     guest_agent: str | None = None
     pid: int | None = None
@@ -146,8 +147,15 @@ def start_instant(
     boot_timeout: float = 300,
     options: MountOptions | None = None,
     log: Callable[[str], None] | None = None,
+    name: str | None = None,
+    command_prefix: list[str] | None = None,
+    prepare_argv: Callable[[list[str]], list[str]] | None = None,
 ) -> InstantSession:
-    """Boot the VM of `point` from the repository; returns the running session (saved in WORKDIR)."""
+    """Boot the VM of `point` from the repository; returns the running session (saved in WORKDIR).
+
+    A recovery lab passes `command_prefix` (QEMU then runs in the lab's network namespace) and
+    `prepare_argv` (which moves the VM's network cards onto the lab's bridge).
+    """
     from surepoint.jobs.vm_restore import rewrite_command_line
 
     say = log or (lambda _m: None)
@@ -168,9 +176,10 @@ def start_instant(
     session = InstantSession(
         workdir=workdir,
         restore_point=point.id,
-        name=f"{point.name}-instant",
+        name=name or f"{point.name}-instant",
         repository=repository.id,
         mount_dir=mount_dir,
+        command_prefix=list(command_prefix or []),
     )
     session.save()
     try:
@@ -205,6 +214,8 @@ def start_instant(
                 + ", ".join(os.path.basename(m) for m in missing)
                 + "); use `surepoint vm restore`"
             )
+        if prepare_argv is not None:
+            argv = prepare_argv(argv)
         session.argv = argv
         info = parse_command_line(argv)
         if info is None:
@@ -237,7 +248,11 @@ def _boot(session: InstantSession, timeout: float) -> None:
     session.guest_agent = info.guest_agent if info else None
     with open(os.path.join(session.workdir, "qemu.log"), "ab") as logf:
         proc = subprocess.Popen(
-            session.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            session.command_prefix + session.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
         )
     session.pid = proc.pid
     session.pid_start = process_start(proc.pid)

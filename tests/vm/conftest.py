@@ -23,6 +23,7 @@ from surepoint.vm.qmp import QmpConnection
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-test-vm"
+TEST_VM_MAC = "52:54:00:5e:10:01"
 KVM_FIRST_OUTPUT_SECONDS = 20.0  # a KVM that cannot run the guest shows nothing on the console
 
 
@@ -104,8 +105,12 @@ class TestVm:
             "-append",
             "root=/dev/vda rw console=ttyS0 panic=-1",
             "-no-reboot",
-            "-nic",
-            "none",
+            # a network card on QEMU's user-mode network: the guest's "production" network, where
+            # 10.0.2.2 is this host (how the recovery-lab tests show what a guest outside the lab reaches)
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={TEST_VM_MAC},addr=0x3",
             "-serial",
             f"file:{self.console}",
             "-qmp",

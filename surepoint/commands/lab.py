@@ -1,0 +1,171 @@
+"""`surepoint lab`: recovery verification of VM restore points in an isolated lab.
+
+No `from __future__ import annotations` here: typer evaluates the annotations of the commands.
+"""
+
+import os
+import signal
+from typing import Annotated
+
+import typer
+
+from surepoint.errors import UsageError
+
+EXIT_RECOVERY_FAILED = 4
+DEFAULT_REPORT_DIR = "/var/lib/surepoint/lab-reports"
+
+
+def _targets(repo, refs: list[str]) -> list:
+    """Restore points from ids / NAME:latest, or the latest restore point of each VM job file given."""
+    from surepoint.jobs.config import load_job
+
+    points = []
+    for ref in refs:
+        if ref.endswith(".toml") or os.path.isfile(ref):
+            job = load_job(ref)
+            if job.vm is None:
+                raise UsageError(f"job {ref} backs up image files, not a VM: a lab can only boot VM restore points")
+            point = repo.latest_named(job.vm)
+            if point is None:
+                raise UsageError(f"job {ref} has no restore point yet (nothing named {job.vm!r}): run the backup first")
+            points.append(point)
+        else:
+            points.append(repo.resolve(ref))
+    unique = {p.id: p for p in points}
+    return list(unique.values())
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `lab` command group to the main app."""
+    from surepoint.cli import Context, JsonOption, _print_json, err, out
+
+    lab_app = typer.Typer(help="Recovery verification: boot restore points in an isolated lab and test them.")
+    app.add_typer(lab_app, name="lab")
+
+    @lab_app.command("verify")
+    def lab_verify(
+        ctx: typer.Context,
+        targets: Annotated[
+            list[str],
+            typer.Argument(help="Restore points (id, id prefix, NAME:latest) or VM job files (their latest point)."),
+        ],
+        group: Annotated[
+            str, typer.Option("--group", help="Lab file (TOML): network, application group, tests of verified VMs.")
+        ],
+        report_dir: Annotated[
+            str, typer.Option("--report-dir", help="Where the JSON and text reports are written.")
+        ] = DEFAULT_REPORT_DIR,
+        integrity: Annotated[
+            bool, typer.Option("--integrity/--no-integrity", help="Also check every chunk of the verified points.")
+        ] = True,
+        cache_size: Annotated[str, typer.Option(help="Chunk cache of each repository mount, e.g. 256M.")] = "256M",
+        inventory: Annotated[
+            str | None,
+            typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory (to prune logs in production VMs)."),
+        ] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Boot restore points from the repository in an isolated lab, run their tests, record the outcome.
+
+        The application group's VMs start first, in order, each passing its tests before the next;
+        then the restore points given. Nothing is written to the repository and nothing in the lab
+        can reach production. Exit 0 when every VM passed, 4 when a test failed, 3 on damaged chunks.
+        """
+        from surepoint.cli import EXIT_DAMAGE
+        from surepoint.commands.mount import parse_size
+        from surepoint.consistency.logs import prune_if_verified
+        from surepoint.lab.config import load_lab_config
+        from surepoint.lab.runner import Lab
+        from surepoint.mount.manager import MountOptions
+
+        c: Context = ctx.obj
+        config = load_lab_config(group)
+        repo = c.open_repository()
+        catalog = c.catalog()
+        points = _targets(repo, targets)
+        say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
+
+        def stop(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, stop)  # tear the lab down on kill as on Ctrl-C
+        try:
+            lab = Lab(
+                repo,
+                catalog,
+                config,
+                points,
+                integrity=integrity,
+                mount_options=MountOptions(cache_bytes=parse_size(cache_size)),
+                log=say,
+            )
+            report = lab.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        json_path, text_path = report.write(report_dir)
+
+        def event(component: str, phase: str, outcome: str, message: str = "", point_id: str = "") -> None:
+            catalog.add_event(repo.id, component, phase, outcome, message, restore_point=point_id or None)
+            say(f"{point_id} {component} {phase}: {outcome} {message}")
+
+        by_id = {p.id: p for p in repo.list_restore_points()}
+        for vm in report.vms:
+            point = by_id.get(vm.restore_point)
+            if point is not None:
+                prune_if_verified(
+                    catalog,
+                    repo.id,
+                    point,
+                    lambda *a, pid=point.id: event(*a, point_id=pid),
+                    inventory=inventory,
+                )
+        if as_json:
+            _print_json(dict(report.to_dict(), report_files=[json_path, text_path]))
+        else:
+            out.print(report.summary(), end="")
+            out.print(f"report: {text_path} and {json_path}")
+        if any(state == "damaged" for state in report.integrity.values()):
+            raise typer.Exit(EXIT_DAMAGE)
+        if report.outcome != "passed":
+            raise typer.Exit(EXIT_RECOVERY_FAILED)
+
+    @lab_app.command("clean")
+    def lab_clean(as_json: JsonOption = False) -> None:
+        """Remove what crashed or killed labs left behind: VMs, overlays, mounts, namespaces."""
+        from surepoint.lab.state import clean_leftovers
+
+        if os.geteuid() != 0:
+            raise UsageError("cleaning up labs needs root")
+        said: list[str] = []
+        cleaned = clean_leftovers(said.append if as_json else lambda m: (said.append(m), err.print(f"  {m}")))
+        if as_json:
+            _print_json({"cleaned": cleaned, "log": said})
+        else:
+            out.print(f"cleaned {len(cleaned)} lab(s)" + (f": {', '.join(cleaned)}" if cleaned else ""))
+
+    @lab_app.command("list")
+    def lab_list(as_json: JsonOption = False) -> None:
+        """Labs that are running now (and leftovers of labs that died)."""
+        from surepoint.lab.state import load_labs
+
+        labs = load_labs()
+        rows = [
+            {
+                "lab_id": s.lab_id,
+                "pid": s.pid,
+                "alive": s.owner_alive(),
+                "status": s.status if s.owner_alive() else "dead (run `surepoint lab clean`)",
+                "namespace": s.namespace,
+                "vms": s.vm_workdirs,
+            }
+            for s in labs
+        ]
+        if as_json:
+            _print_json({"labs": rows})
+            return
+        if not rows:
+            out.print("no lab running")
+        for row in rows:
+            out.print(f"lab {row['lab_id']} (pid {row['pid']}): {row['status']}, namespace {row['namespace']}")
+            for vm in row["vms"]:
+                out.print(f"  {vm}")

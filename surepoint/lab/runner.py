@@ -1,0 +1,287 @@
+"""Recovery verification: boot restore points in an isolated lab and run their tests.
+
+The order follows the application group: each group VM boots from its restore point (an instant
+recovery: qcow2 overlays over the read-only repository mount, so the repository is never written)
+and must pass its tests before the next one starts; the restore points under verification start
+once the whole group is healthy. Every QEMU runs in the lab's network namespace, its network
+cards moved onto the lab's bridge, so the VMs keep their production addresses and cannot reach
+anything outside the lab; the ping and port tests run from inside the namespace.
+
+Then the chunks of the verified restore points are checked (integrity), everything the lab made
+is removed, and each VM's outcome is recorded in the catalog as a "recovery" verification: a
+restore point counts as verified only with both records passed. The whole run is bounded by the
+lab's timeout; a lab that dies is cleaned up by the next one (surepoint.lab.state).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from surepoint.catalog import Catalog
+from surepoint.errors import SurepointError, UsageError
+from surepoint.jobs.instant_recovery import start_instant
+from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
+from surepoint.lab.config import LabConfig, LabVmSpec
+from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
+from surepoint.lab.report import FAILED, NOT_RUN, PASSED, LabReport, VmResult
+from surepoint.lab.state import LabState, clean_leftovers, new_lab_id, teardown_lab
+from surepoint.manifest import RestorePoint
+from surepoint.mount.manager import MountOptions
+from surepoint.repository import Repository
+from surepoint.verify import verify as run_verify
+
+ADDRESS_WAIT = 60.0  # seconds to wait for a VM's network to come up when a test needs its address
+NEEDS_ADDRESS = ("ping", "port")
+
+
+def check_bootable(point: RestorePoint) -> None:
+    vm = point.metadata.get("vm")
+    if not vm:
+        raise UsageError(f"restore point {point.id} ({point.name}) is not a VM backup: a lab can only boot VMs")
+    if not vm.get("command_line"):
+        raise UsageError(f"restore point {point.id} ({point.name}) has no saved QEMU command line: it cannot boot")
+
+
+class Lab:
+    """One run of the lab; `run` returns its report after everything was torn down."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        catalog: Catalog,
+        config: LabConfig,
+        targets: list[RestorePoint],
+        *,
+        integrity: bool = True,
+        mount_options: MountOptions | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.catalog = catalog
+        self.config = config
+        self.targets = targets
+        self.integrity = integrity
+        self.mount_options = mount_options or MountOptions()
+        self.say = log or (lambda _m: None)
+        self.used_macs: set[str] = set()
+        self.network: LabNetwork | None = None
+        self.deadline = 0.0
+
+    def run(self) -> LabReport:
+        if os.geteuid() != 0:
+            raise UsageError("the lab needs root (a network namespace, FUSE mounts of the repository)")
+        if not self.targets:
+            raise UsageError("no restore point to verify")
+        clean_leftovers(self.say)
+        group = [(spec, self.repository.resolve(spec.restore_point or "")) for spec in self.config.group]
+        for point in [p for _s, p in group] + self.targets:
+            check_bootable(point)
+        lab_id = new_lab_id()
+        started = time.monotonic()
+        self.deadline = started + self.config.timeout
+        state = LabState(lab_id, namespace_for(lab_id), deadline=time.time() + self.config.timeout)
+        state.save()
+        report = LabReport(
+            lab_id=lab_id,
+            started=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            repository=self.repository.id,
+            network={
+                "namespace": state.namespace,
+                "isolated": self.config.network == "isolated",
+                "bridge": BRIDGE if self.config.network == "isolated" else None,
+                "addresses": list(self.config.addresses),
+            },
+        )
+        self._event("lab", "start", "ok", f"lab {lab_id}: {len(group)} group VM(s), {len(self.targets)} to verify")
+        try:
+            self.network = LabNetwork.create(
+                state.namespace, self.config.addresses, isolated=self.config.network == "isolated"
+            )
+            state.status = "running"
+            state.save()
+            failed_member: VmResult | None = None
+            plan = [(spec, point) for spec, point in group]
+            plan += [(self.config.spec_for(point.name), point) for point in self.targets]
+            for number, (spec, point) in enumerate(plan):
+                if failed_member is not None:
+                    reason = f"not started: application group VM {failed_member.name} failed"
+                    report.vms.append(self._result(spec, point, NOT_RUN, reason))
+                    continue
+                result = self._run_vm(spec, point, number, state)
+                report.vms.append(result)
+                if spec.role == "group" and result.outcome != PASSED:
+                    failed_member = result
+            report.timed_out = time.monotonic() > self.deadline
+            if self.integrity:
+                booted = [
+                    p for _s, p in plan if any(v.restore_point == p.id and v.outcome != NOT_RUN for v in report.vms)
+                ]
+                report.integrity = self._check_integrity(list({p.id: p for p in booted}.values()))
+        finally:
+            state.status = "tearing-down"
+            state.save()
+            self.say(f"lab {lab_id}: tearing down")
+            report.cleanup = teardown_lab(state, self.say)
+            report.seconds = round(time.monotonic() - started, 1)
+        report.settle()
+        self._record(report)
+        return report
+
+    # one VM -------------------------------------------------------------------------------
+
+    def _result(self, spec: LabVmSpec, point: RestorePoint, outcome: str, reason: str = "") -> VmResult:
+        return VmResult(
+            name=spec.name if spec.role == "group" else point.name,
+            role=spec.role,
+            restore_point=point.id,
+            point_name=point.name,
+            created=point.created,
+            consistency=point.consistency,
+            outcome=outcome,
+            reason=reason,
+        )
+
+    def _run_vm(self, spec: LabVmSpec, point: RestorePoint, number: int, state: LabState) -> VmResult:
+        result = self._result(spec, point, NOT_RUN)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 1:
+            result.reason = "the lab's timeout was reached before this VM could start"
+            return result
+        started = time.monotonic()
+        label = re.sub(r"[^A-Za-z0-9._-]", "-", result.name)[:40]
+        workdir = os.path.join(state.directory, f"vm{number}-{label}")
+        state.vm_workdirs.append(workdir)
+        state.save()
+        assert self.network is not None
+        network = self.network
+        nics = []
+
+        def prepare(argv: list[str]) -> list[str]:
+            new_argv, plans = attach_to_lab(argv, network.add_tap, self.used_macs)
+            nics.extend(plans)
+            return new_argv
+
+        self.say(f"{result.role} VM {result.name}: booting restore point {point.id} in the lab")
+        try:
+            session = start_instant(
+                self.repository,
+                point,
+                workdir,
+                boot_timeout=min(spec.boot_timeout, remaining),
+                options=MountOptions(cache_bytes=self.mount_options.cache_bytes),
+                log=self.say,
+                name=f"lab-{state.lab_id}-{label}",
+                command_prefix=network.command_prefix(),
+                prepare_argv=prepare,
+            )
+        except SurepointError as exc:
+            result.outcome = FAILED
+            result.reason = f"did not boot: {exc}"
+            result.seconds = round(time.monotonic() - started, 1)
+            result.nics = [_nic_dict(n) for n in nics]
+            self._event("lab", "boot", "failed", f"{result.name}: {exc}", point.id)
+            return result
+        result.boot_seconds = session.boot_seconds
+        result.nics = [_nic_dict(n) for n in nics]
+        self._event(
+            "lab", "boot", "ok", f"{result.name}: guest agent answered after {session.boot_seconds} s", point.id
+        )
+        isolated = self.config.network == "isolated"
+        context = CheckContext(
+            vm=result.name,
+            guest_agent=session.guest_agent,
+            network_prefix=network.command_prefix() if isolated else None,
+            addresses=[],
+            deadline=self.deadline,
+        )
+        for test in spec.tests:
+            if time.monotonic() >= self.deadline:
+                result.tests.append(CheckResult(test.name, test.type, "timeout", "the lab's timeout was reached", 0.0))
+                continue
+            if test.type in NEEDS_ADDRESS and not test.options.get("address") and not context.addresses:
+                context.addresses = self._wait_for_addresses(session.guest_agent)
+            outcome = run_check(test, context)
+            result.tests.append(outcome)
+            self._event(
+                "lab",
+                f"test {test.name}",
+                "ok" if outcome.outcome == PASSED else outcome.outcome,
+                _short(outcome),
+                point.id,
+            )
+            self.say(f"{result.name}: {test.name}: {outcome.outcome} ({outcome.seconds:.1f} s)")
+            if test.type == "heartbeat" and outcome.outcome != PASSED:
+                break  # nothing else can run in a VM whose agent does not answer
+        if not context.addresses and isolated and session.guest_agent:
+            context.addresses = _quiet_addresses(session.guest_agent)
+        result.addresses = context.addresses
+        ran_all = len(result.tests) == len(spec.tests)
+        result.outcome = PASSED if ran_all and all(t.outcome == PASSED for t in result.tests) else FAILED
+        if result.outcome == FAILED:
+            bad = [t.name for t in result.tests if t.outcome != PASSED]
+            result.reason = f"failed: {', '.join(bad)}" if bad else "not every test ran"
+        result.seconds = round(time.monotonic() - started, 1)
+        return result
+
+    def _wait_for_addresses(self, agent_path: str | None) -> list[str]:
+        if not agent_path:
+            return []
+        until = min(self.deadline, time.monotonic() + ADDRESS_WAIT)
+        while True:
+            found = _quiet_addresses(agent_path)
+            if found or time.monotonic() >= until:
+                return found
+            time.sleep(1.0)
+
+    # afterwards -----------------------------------------------------------------------------
+
+    def _check_integrity(self, points: list[RestorePoint]) -> dict[str, str]:
+        """Re-read and check every chunk of the restore points that booted (recorded as integrity checks)."""
+        if not points:
+            return {}
+        self.say(f"checking the chunks of {len(points)} restore point(s)")
+        verified = run_verify(self.repository, points, self.catalog)
+        return {p.id: p.state for p in verified.points}
+
+    def _record(self, report: LabReport) -> None:
+        for vm in report.vms:
+            if vm.outcome == NOT_RUN:
+                self._event("lab", "verify", "skipped", f"{vm.name}: {vm.reason}", vm.restore_point)
+                continue
+            state = "verified" if vm.outcome == PASSED else "failed"
+            details = dict(vm.to_dict(), lab_id=report.lab_id, lab_outcome=report.outcome)
+            self.catalog.record_verification(self.repository.id, vm.restore_point, "recovery", state, details)
+            self._event(
+                "lab", "verify", "ok" if state == "verified" else "failed", f"{vm.name}: {vm.outcome}", vm.restore_point
+            )
+        self._event(
+            "lab",
+            "finish",
+            "ok" if report.outcome == PASSED else "failed",
+            f"lab {report.lab_id}: {report.outcome} in {report.seconds} s",
+        )
+
+    def _event(self, component: str, phase: str, outcome: str, message: str, point: str | None = None) -> None:
+        self.catalog.add_event(self.repository.id, component, phase, outcome, message, restore_point=point)
+
+
+def _nic_dict(nic: object) -> dict:
+    from dataclasses import asdict
+
+    return asdict(nic)  # type: ignore[call-overload]
+
+
+def _quiet_addresses(agent_path: str) -> list[str]:
+    try:
+        return guest_addresses(agent_path, timeout=10)
+    except SurepointError:
+        return []
+
+
+def _short(result: CheckResult) -> str:
+    text = " ".join(result.output.split())
+    return text[:300] + ("…" if len(text) > 300 else "")
