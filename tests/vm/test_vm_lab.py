@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -217,6 +218,8 @@ argv = ["bash", "-c", '{escape}']
 expect_exit = 1
 """,
         )
+        lab_cli.run("verify", lab_points["app"], check=True)  # chunks intact, but a VM is verified only once it booted
+        assert {p["id"]: p for p in lab_cli.points()}[lab_points["app"]]["state"] == "intact"
         started = time.monotonic()
         result = lab_cli.run(
             "lab", "verify", lab_points["app"], "--group", str(lab), "--report-dir", str(tmp_path / "reports"),
@@ -313,6 +316,20 @@ query = "SELECT sum(qty) FROM stock"
         with contextlib.suppress(Exception):
             test_vm.run(["systemctl", "start", PG_SERVICE], timeout=180)
         psql(test_vm, "DROP DATABASE IF EXISTS labbroken", db="postgres")
+
+
+def test_lab_timeout_tears_everything_down(lab_points, lab_cli: Cli, tmp_path: Path) -> None:
+    lab = write_lab(tmp_path / "lab.toml", "[lab]\ntimeout = 8\n\n[[verify]]\nboot_timeout = 400\n")
+    result = lab_cli.run(
+        "lab", "verify", lab_points["app"], "--group", str(lab), "--report-dir", str(tmp_path), "--json"
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    (vm,) = result.json()["vms"]
+    assert vm["outcome"] == "failed" and re.search(r"guest agent within [0-8] s", vm["reason"]), vm
+    assert result.json()["cleanup"] == []
+    assert lab_leftovers(Path(lab_cli.env["SUREPOINT_LAB_DIR"])) == {
+        "namespaces": [], "qemu": [], "mounts": [], "lab records": []
+    }  # fmt: skip
 
 
 def test_killed_lab_is_cleaned_by_the_next_command(lab_points, lab_cli: Cli, tmp_path: Path) -> None:
