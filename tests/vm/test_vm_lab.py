@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import SUREPOINT, Cli
 from tests.consistency.helpers import events, find_event
-from tests.vm.test_vm_writers import PG_SERVICE, archived, guest_pg, pruned_in, psql, write_job  # noqa: F401
+from tests.vm.test_vm_writers import ARCHIVE, PG_SERVICE, archived, guest_pg, pruned_in, psql, write_job  # noqa: F401
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.usefixtures("no_surepoint_bitmaps")]
 
@@ -159,6 +159,8 @@ def lab_points(test_vm, guest_pg, lab_cli: Cli, tmp_path_factory) -> Iterator[di
         with contextlib.suppress(Exception):  # back to a card without an address, as the guest boots
             flush = "for i in /sys/class/net/en*; do ip addr flush dev ${i##*/}; done"
             test_vm.run(["sh", "-c", flush])
+        with contextlib.suppress(Exception):  # the data disk is small (256 MiB): empty the archive this module filled
+            test_vm.run(["find", ARCHIVE, "-mindepth", "1", "-type", "f", "-delete"])
         with contextlib.suppress(Exception):
             test_vm.run(["systemctl", "disable", "postgresql"], timeout=60)
             with test_vm.agent() as ga:
@@ -320,11 +322,11 @@ query = "SELECT sum(qty) FROM stock"
 
 def test_lab_timeout_tears_everything_down(lab_points, lab_cli: Cli, tmp_path: Path) -> None:
     lab = write_lab(tmp_path / "lab.toml", "[lab]\ntimeout = 8\n\n[[verify]]\nboot_timeout = 400\n")
-    result = lab_cli.run(
-        "lab", "verify", lab_points["app"], "--group", str(lab), "--report-dir", str(tmp_path), "--json"
-    )
+    job = lab_points["work"] / "db-job.toml"  # a VM job stands for its latest restore point
+    result = lab_cli.run("lab", "verify", str(job), "--group", str(lab), "--report-dir", str(tmp_path), "--json")
     assert result.returncode == 4, result.stdout + result.stderr
     (vm,) = result.json()["vms"]
+    assert vm["restore_point"] == lab_cli.points()[-1]["id"], vm
     assert vm["outcome"] == "failed" and re.search(r"guest agent within [0-8] s", vm["reason"]), vm
     assert result.json()["cleanup"] == []
     assert lab_leftovers(Path(lab_cli.env["SUREPOINT_LAB_DIR"])) == {
