@@ -3,11 +3,12 @@
 The order follows the application group: each group VM boots from its restore point (an instant
 recovery: qcow2 overlays over the read-only repository mount, so the repository is never written)
 and must pass its tests before the next one starts; the restore points under verification start
-once the whole group is healthy. Every QEMU runs in the lab's network namespace, its network
+once the whole group is healthy, one after the other, each stopped when its tests are done
+(the group runs until the end). Every QEMU runs in the lab's network namespace, its network
 cards moved onto the lab's bridge, so the VMs keep their production addresses and cannot reach
 anything outside the lab; the ping and port tests run from inside the namespace.
 
-Then the chunks of the verified restore points are checked (integrity), everything the lab made
+Then the chunks of every restore point that booted are checked (integrity), everything the lab made
 is removed, and each VM's outcome is recorded in the catalog as a "recovery" verification: a
 restore point counts as verified only with both records passed. The whole run is bounded by the
 lab's timeout; a lab that dies is cleaned up by the next one (surepoint.lab.state).
@@ -23,7 +24,7 @@ from datetime import UTC, datetime
 
 from surepoint.catalog import Catalog
 from surepoint.errors import SurepointError, UsageError
-from surepoint.jobs.instant_recovery import start_instant
+from surepoint.jobs.instant_recovery import discard_instant, start_instant
 from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
 from surepoint.lab.config import LabConfig, LabVmSpec
 from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
@@ -225,6 +226,12 @@ class Lab:
             bad = [t.name for t in result.tests if t.outcome != PASSED]
             result.reason = f"failed: {', '.join(bad)}" if bad else "not every test ran"
         result.seconds = round(time.monotonic() - started, 1)
+        if spec.role == "verified":
+            # its tests are done and nothing depends on it: free its memory before the next one boots
+            try:
+                discard_instant(workdir, log=self.say)
+            except SurepointError as exc:
+                self.say(f"{result.name}: could not stop it yet ({exc}); the lab's teardown will")
         return result
 
     def _wait_for_addresses(self, agent_path: str | None) -> list[str]:
