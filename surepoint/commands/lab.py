@@ -50,8 +50,13 @@ def register(app: typer.Typer) -> None:
             typer.Argument(help="Restore points (id, id prefix, NAME:latest) or VM job files (their latest point)."),
         ],
         group: Annotated[
-            str, typer.Option("--group", help="Lab file (TOML): network, application group, tests of verified VMs.")
-        ],
+            str | None,
+            typer.Option(
+                "--group",
+                help="Lab file (TOML): network, application group, tests of verified VMs "
+                "(default: an isolated lab, no group, the heartbeat test).",
+            ),
+        ] = None,
         report_dir: Annotated[
             str, typer.Option("--report-dir", help="Where the JSON and text reports are written.")
         ] = DEFAULT_REPORT_DIR,
@@ -74,12 +79,12 @@ def register(app: typer.Typer) -> None:
         from surepoint.cli import EXIT_DAMAGE
         from surepoint.commands.mount import parse_size
         from surepoint.consistency.logs import prune_if_verified
-        from surepoint.lab.config import load_lab_config
+        from surepoint.lab.config import load_lab_config, parse_lab_config
         from surepoint.lab.runner import Lab
         from surepoint.mount.manager import MountOptions
 
         c: Context = ctx.obj
-        config = load_lab_config(group)
+        config = load_lab_config(group) if group else parse_lab_config({}, "<defaults>")
         repo = c.open_repository()
         catalog = c.catalog()
         points = _targets(repo, targets)

@@ -24,6 +24,8 @@ def test_lab_refuses_what_it_cannot_boot(cli: Cli, host_point: str, tmp_path: Pa
     lab.write_text("[lab]\n")
     result = cli.run("lab", "verify", host_point, "--group", str(lab))
     assert result.returncode == 2 and "is not a VM backup: a lab can only boot VMs" in result.stderr, result.stderr
+    result = cli.run("lab", "verify", host_point)  # no lab file: the defaults, same refusal
+    assert result.returncode == 2 and "is not a VM backup" in result.stderr, result.stderr
     result = cli.run("lab", "verify", "nosuchpoint", "--group", str(lab))
     assert result.returncode == 1 and "no restore point 'nosuchpoint'" in result.stderr, result.stderr
     job = tmp_path / "files.toml"

@@ -190,7 +190,9 @@ def guest_pg(test_vm) -> Iterator[None]:
     psql(
         test_vm,
         "ALTER SYSTEM SET archive_mode = 'on'",
-        f"ALTER SYSTEM SET archive_command = 'test ! -f {ARCHIVE}/%f && cp %p {ARCHIVE}/%f'",
+        # copied under a temporary name and renamed: a copy cut short (a full disk) never looks archived
+        f"ALTER SYSTEM SET archive_command = "
+        f"'test ! -f {ARCHIVE}/%f && cp %p {ARCHIVE}/%f.part && mv {ARCHIVE}/%f.part {ARCHIVE}/%f'",
         db="postgres",
     )
     test_vm.run(["systemctl", "restart", PG_SERVICE], timeout=180)
