@@ -32,6 +32,7 @@ from surepoint.manifest import RestorePoint
 from surepoint.mount.manager import MountOptions, mount_restore_point
 from surepoint.mount.state import clean_stale, find_state, is_mountpoint, process_start, teardown
 from surepoint.repository import Repository
+from surepoint.statefile import write_json_atomically
 from surepoint.vm.errors import GuestAgentError, QmpError
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.inventory import parse_command_line
@@ -72,13 +73,7 @@ class InstantSession:
         return os.path.join(workdir, STATE_FILE)
 
     def save(self) -> None:
-        path = self.path_in(self.workdir)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        write_json_atomically(self.path_in(self.workdir), asdict(self))
 
     @classmethod
     def load(cls, workdir: str) -> InstantSession | None:

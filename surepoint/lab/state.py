@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import SurepointError
 from surepoint.mount.state import process_start
+from surepoint.statefile import write_json_atomically
 
 DEFAULT_LAB_DIR = "/var/lib/surepoint/lab"
 STATE_FILE = "lab.json"
@@ -56,13 +57,7 @@ class LabState:
 
     def save(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, STATE_FILE)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        write_json_atomically(os.path.join(self.directory, STATE_FILE), asdict(self))
 
     def owner_alive(self) -> bool:
         return process_start(self.pid) == self.pid_start

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from surepoint.errors import SurepointError, UsageError
 from surepoint.locks import _process_alive
+from surepoint.statefile import write_json_atomically
 
 DEFAULT_STATE_DIR = "/run/surepoint/mounts"
 
@@ -56,12 +57,7 @@ class MountState:
 
     def save(self) -> None:
         os.makedirs(state_dir(), mode=0o700, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.__dict__, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
+        write_json_atomically(self.path, self.__dict__)
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
