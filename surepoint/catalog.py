@@ -149,7 +149,7 @@ class Catalog:
         integrity: unverified / verified / damaged (its chunks re-read and checked).
         recovery: unverified / verified / failed (booted in a lab and its tests run).
         state: damaged or failed when either says so; verified when its chunks are intact and, for
-        a restore point that can boot (a VM), the lab tests passed too; intact when only the chunks
+        a restore point a lab can boot (RestorePoint.bootable), the lab tests passed too; intact when only the chunks
         were checked; boots when only the lab ran; else unverified.
         """
         integrity = self.latest_verification(repository, restore_point, "integrity")

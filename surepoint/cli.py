@@ -358,7 +358,7 @@ def _point_json(point: RestorePoint, verification: dict[str, str]) -> dict:
 
 
 def _verification(catalog: Catalog, repo: Repository, point: RestorePoint) -> dict[str, str]:
-    return catalog.verification_summary(repo.id, point.id, bootable=bool(point.metadata.get("vm")))
+    return catalog.verification_summary(repo.id, point.id, bootable=point.bootable)
 
 
 @app.command("list")
@@ -478,24 +478,38 @@ def verify(
                 out.print(f"    disk {r.disk} bytes {r.offset}-{r.offset + r.length - 1}: {r.reason}")
         for m in report.damaged_manifests:
             out.print(Text.assemble("  ", ("damaged manifest", "red"), f" {m}"))
-    _prune_after_verify(c, repo, [p for p in points if p.id in {r.id for r in report.points if r.state == "verified"}])
+    intact = {r.id for r in report.points if r.state == "verified"}
+    _prune_after_verify(
+        c,
+        repo,
+        [p for p in points if p.id in intact],
+        say=(lambda _m: None) if as_json else out.print,
+        inventory=os.environ.get("SUREPOINT_VM_INVENTORY"),
+    )
     if report.damaged:
         raise typer.Exit(EXIT_DAMAGE)
 
 
-def _prune_after_verify(c: Context, repo: Repository, intact: list[RestorePoint]) -> None:
-    """Log mode after-verify: prune the logs of restore points now verified in full (a VM's also
-    needs a passed recovery lab: `surepoint lab verify`)."""
+def _prune_after_verify(
+    c: Context,
+    repo: Repository,
+    points: list[RestorePoint],
+    *,
+    say: Callable[[str], object],
+    inventory: str | None,
+) -> None:
+    """Log mode after-verify: prune the logs of those `points` now verified in full (a VM that a
+    lab can boot also needs a passed `surepoint lab verify`). Used by verify and lab verify."""
     from surepoint.consistency.logs import prune_if_verified
 
     catalog = c.catalog()
-    for point in intact:
+    for point in points:
 
         def event(component: str, phase: str, outcome: str, message: str = "", point_id: str = point.id) -> None:
             catalog.add_event(repo.id, component, phase, outcome, message, restore_point=point_id)
-            out.print(f"  {point_id} {component} {phase}: {outcome} {message}")
+            say(f"  {point_id} {component} {phase}: {outcome} {message}")
 
-        prune_if_verified(catalog, repo.id, point, event, inventory=os.environ.get("SUREPOINT_VM_INVENTORY"))
+        prune_if_verified(catalog, repo.id, point, event, inventory=inventory)
 
 
 def _parse_since(text: str) -> str:

@@ -40,6 +40,11 @@ class RestorePoint:
     metadata: dict = field(default_factory=dict)
 
     @property
+    def bootable(self) -> bool:
+        """A VM backup with its saved QEMU command line: something a recovery lab can boot."""
+        return bool((self.metadata.get("vm") or {}).get("command_line"))
+
+    @property
     def size(self) -> int:
         return sum(d.size for d in self.disks)
 

@@ -76,9 +76,8 @@ def register(app: typer.Typer) -> None:
         then the restore points given. Nothing is written to the repository and nothing in the lab
         can reach production. Exit 0 when every VM passed, 4 when a test failed, 3 on damaged chunks.
         """
-        from surepoint.cli import EXIT_DAMAGE
+        from surepoint.cli import EXIT_DAMAGE, _prune_after_verify
         from surepoint.commands.mount import parse_size
-        from surepoint.consistency.logs import prune_if_verified
         from surepoint.lab.config import load_lab_config, parse_lab_config
         from surepoint.lab.runner import Lab
         from surepoint.mount.manager import MountOptions
@@ -108,22 +107,7 @@ def register(app: typer.Typer) -> None:
         finally:
             signal.signal(signal.SIGTERM, previous)
         json_path, text_path = report.write(report_dir)
-
-        def event(component: str, phase: str, outcome: str, message: str = "", point_id: str = "") -> None:
-            catalog.add_event(repo.id, component, phase, outcome, message, restore_point=point_id or None)
-            say(f"{point_id} {component} {phase}: {outcome} {message}")
-
-        by_id = {p.id: p for p in repo.list_restore_points()}
-        for vm in report.vms:
-            point = by_id.get(vm.restore_point)
-            if point is not None:
-                prune_if_verified(
-                    catalog,
-                    repo.id,
-                    point,
-                    lambda *a, pid=point.id: event(*a, point_id=pid),
-                    inventory=inventory,
-                )
+        _prune_after_verify(c, repo, lab.booted, say=say, inventory=inventory)
         if as_json:
             _print_json(dict(report.to_dict(), report_files=[json_path, text_path]))
         else:

@@ -98,7 +98,7 @@ def prune_if_verified(
     pending = catalog.pending_prunes(repository_id, point.id)
     if not pending:
         return 0
-    bootable = bool(point.metadata.get("vm"))
+    bootable = point.bootable
     summary = catalog.verification_summary(repository_id, point.id, bootable)
     if summary["state"] != "verified":
         waiting = [k for k in ("integrity", "recovery") if summary[k] != "verified" and (k == "integrity" or bootable)]
@@ -112,7 +112,7 @@ def prune_if_verified(
                 + ")",
             )
         return 0
-    if not bootable:
+    if not point.metadata.get("vm"):
         from surepoint.consistency.runner import HostRunner
 
         return run_pending_prunes(catalog, repository_id, point.id, HostRunner(), events)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 
 from surepoint.errors import UsageError
+from surepoint.tomlfile import read_toml
 
 LOG_MODES = ("truncate", "keep", "copy-only", "after-verify")
 FALLBACKS = ("try", "require")
@@ -28,14 +28,7 @@ class JobConfig:
 
 
 def load_job(path: str) -> JobConfig:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"job file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"job file {path} is not valid TOML: {exc}") from None
-    return parse_job(raw, path)
+    return parse_job(read_toml(path, "job file"), path)
 
 
 def parse_job(raw: dict, path: str = "<job>") -> JobConfig:

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field
 
 from surepoint.errors import UsageError
 from surepoint.lab.checks import CheckSpec, parse_check
+from surepoint.tomlfile import read_toml
 
 NETWORK_MODES = ("isolated", "none")
 DEFAULT_TIMEOUT = 3600.0
@@ -70,16 +70,7 @@ class LabConfig:
 
 
 def load_lab_config(path: str) -> LabConfig:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"lab file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"lab file {path} is a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"lab file {path} is not valid TOML: {exc}") from None
-    return parse_lab_config(raw, path)
+    return parse_lab_config(read_toml(path, "lab file"), path)
 
 
 def _positive(value: object, what: str) -> float:

@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from surepoint.catalog import Catalog
@@ -71,6 +72,7 @@ class Lab:
         self.used_macs: set[str] = set()
         self.network: LabNetwork | None = None
         self.deadline = 0.0
+        self.booted: list[RestorePoint] = []  # the restore points whose VM started, each once
 
     def run(self) -> LabReport:
         if os.geteuid() != 0:
@@ -117,11 +119,10 @@ class Lab:
                 if spec.role == "group" and result.outcome != PASSED:
                     failed_member = result
             report.timed_out = time.monotonic() > self.deadline
+            ran = {v.restore_point for v in report.vms if v.outcome != NOT_RUN}
+            self.booted = list({p.id: p for _s, p in plan if p.id in ran}.values())
             if self.integrity:
-                booted = [
-                    p for _s, p in plan if any(v.restore_point == p.id and v.outcome != NOT_RUN for v in report.vms)
-                ]
-                report.integrity = self._check_integrity(list({p.id: p for p in booted}.values()))
+                report.integrity = self._check_integrity(self.booted)
         finally:
             state.status = "tearing-down"
             state.save()
@@ -183,11 +184,11 @@ class Lab:
             result.outcome = FAILED
             result.reason = f"did not boot: {exc}"
             result.seconds = round(time.monotonic() - started, 1)
-            result.nics = [_nic_dict(n) for n in nics]
+            result.nics = [asdict(n) for n in nics]
             self._event("lab", "boot", "failed", f"{result.name}: {exc}", point.id)
             return result
         result.boot_seconds = session.boot_seconds
-        result.nics = [_nic_dict(n) for n in nics]
+        result.nics = [asdict(n) for n in nics]
         self._event(
             "lab", "boot", "ok", f"{result.name}: guest agent answered after {session.boot_seconds} s", point.id
         )
@@ -274,12 +275,6 @@ class Lab:
 
     def _event(self, component: str, phase: str, outcome: str, message: str, point: str | None = None) -> None:
         self.catalog.add_event(self.repository.id, component, phase, outcome, message, restore_point=point)
-
-
-def _nic_dict(nic: object) -> dict:
-    from dataclasses import asdict
-
-    return asdict(nic)  # type: ignore[call-overload]
 
 
 def _quiet_addresses(agent_path: str) -> list[str]:

@@ -11,11 +11,11 @@ libvirt-python is installed and libvirtd answers: see surepoint.vm.libvirt_domai
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 
 from surepoint.errors import UsageError
 from surepoint.processes import command_lines
+from surepoint.tomlfile import read_toml
 from surepoint.vm.errors import VmError
 
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
@@ -98,13 +98,7 @@ def running_vms() -> list[VmInfo]:
 
 
 def load_inventory(path: str) -> list[VmInfo]:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"VM inventory {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"VM inventory {path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, "VM inventory")
     vms = []
     for name, entry in (raw.get("vm") or {}).items():
         if not isinstance(entry, dict) or not isinstance(entry.get("qmp"), str):
