@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import time
 
-from surepoint.backup import BackupRequest, run_backup
-from surepoint.repository import Repository, open_backend
+from surepoint.repo.backup import BackupRequest, run_backup
+from surepoint.repo.repository import Repository, open_backend
 from surepoint.sources import FileDiskSource
 
 

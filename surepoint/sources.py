@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from surepoint.errors import SourceError
-from surepoint.extents import Extent, merge
+from surepoint.repo.extents import Extent, merge
 
 
 class DiskSource(Protocol):

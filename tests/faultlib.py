@@ -144,13 +144,13 @@ class Repo:
     # looking inside the repository (test oracle only) ------------------------------------------
 
     def open_api(self):
-        from surepoint.repository import Repository, open_backend
+        from surepoint.repo.repository import Repository, open_backend
 
         return Repository.open(open_backend(str(self.path)), lambda: self.passphrase)
 
     def chunk_names(self, point_id: str, disk: int = 0) -> list[str | None]:
         """Object name of the chunk at each chunk number of a disk (None for zero chunks)."""
-        from surepoint.chunks import ZERO_ID, chunk_object_name
+        from surepoint.repo.chunks import ZERO_ID, chunk_object_name
 
         repo = self.open_api()
         point = repo.resolve(point_id)

@@ -4,11 +4,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from surepoint.chunks import ZERO_ID
-from surepoint.crypto import new_key_record, unwrap_keys
-from surepoint.envelope import KIND_CHUNK, KIND_INDEX, KIND_MANIFEST, Envelope
 from surepoint.errors import DamagedData, WrongPassphrase
-from surepoint.fixed_index import FixedIndex
+from surepoint.repo.chunks import ZERO_ID
+from surepoint.repo.crypto import new_key_record, unwrap_keys
+from surepoint.repo.envelope import KIND_CHUNK, KIND_INDEX, KIND_MANIFEST, Envelope
+from surepoint.repo.fixed_index import FixedIndex
 
 KEYS, RECORD = new_key_record("aes-256-gcm", "pw", "repo-id")
 CHACHA_KEYS, _ = new_key_record("chacha20-poly1305", "pw", "repo-id")

@@ -3,7 +3,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from surepoint.retention import Candidate, Policy, apply_policy
+from surepoint.repo.retention import Candidate, Policy, apply_policy
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 

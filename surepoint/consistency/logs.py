@@ -13,7 +13,7 @@ from surepoint.consistency.registry import WRITERS
 from surepoint.consistency.runner import CommandRunner
 from surepoint.consistency.writer import Writer
 from surepoint.errors import SurepointError
-from surepoint.manifest import RestorePoint
+from surepoint.repo.manifest import RestorePoint
 
 EventSink = Callable[[str, str, str, str], None]
 

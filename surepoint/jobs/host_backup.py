@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from surepoint.backup import BackupRequest, run_backup
 from surepoint.catalog import Catalog
 from surepoint.consistency.logs import handle_logs
 from surepoint.consistency.quiesce import QuiesceOutcome, Quiescer
@@ -14,8 +13,9 @@ from surepoint.consistency.registry import build_writers
 from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.host_snapshot import remove_snapshots, snapshot_files
 from surepoint.jobs.config import JobConfig
-from surepoint.manifest import RestorePoint
-from surepoint.repository import Repository
+from surepoint.repo.backup import BackupRequest, run_backup
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
 from surepoint.sources import FileDiskSource
 
 

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import SurepointError, TargetError, UsageError
-from surepoint.manifest import RestorePoint
 from surepoint.mount.manager import MountOptions, mount_restore_point
 from surepoint.mount.state import clean_stale, find_state, is_mountpoint, process_start, teardown
-from surepoint.repository import Repository
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
 from surepoint.statefile import write_json_atomically
 from surepoint.vm.errors import GuestAgentError, QmpError
 from surepoint.vm.guest_agent import GuestAgent

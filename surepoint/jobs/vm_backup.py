@@ -15,7 +15,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from surepoint.backup import BackupRequest, run_backup
 from surepoint.catalog import Catalog
 from surepoint.consistency.guest_fsfreeze import GuestFsFreezeWriter
 from surepoint.consistency.guest_runner import SESSION_LEASE, GuestRunner
@@ -23,8 +22,9 @@ from surepoint.consistency.logs import handle_logs
 from surepoint.consistency.quiesce import ConsistencyRequired, QuiesceOutcome, Quiescer
 from surepoint.consistency.registry import build_writers
 from surepoint.consistency.writer import Writer
-from surepoint.manifest import RestorePoint
-from surepoint.repository import Repository
+from surepoint.repo.backup import BackupRequest, run_backup
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
 from surepoint.vm.errors import GuestAgentError, QmpError, VmError
 from surepoint.vm.fleece import PointInTimeView, _wait_until
 from surepoint.vm.guest_agent import GuestAgent

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 
 from surepoint.errors import TargetError, UsageError
-from surepoint.manifest import RestorePoint
-from surepoint.repository import Repository
-from surepoint.restore import restore_disk
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
+from surepoint.repo.restore import restore_disk
 from surepoint.vm.errors import GuestAgentError
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.inventory import parse_command_line

@@ -31,10 +31,10 @@ from surepoint.lab.config import LabConfig, LabVmSpec
 from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
 from surepoint.lab.report import FAILED, NOT_RUN, PASSED, LabReport, VmResult
 from surepoint.lab.state import LabState, clean_leftovers, new_lab_id, teardown_lab
-from surepoint.manifest import RestorePoint
 from surepoint.mount.manager import MountOptions
-from surepoint.repository import Repository
-from surepoint.verify import verify as run_verify
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
+from surepoint.repo.verify import verify as run_verify
 
 ADDRESS_WAIT = 60.0  # seconds to wait for a VM's network to come up when a test needs its address
 NEEDS_ADDRESS = ("ping", "port")

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from surepoint.errors import RepositoryLocked, SurepointError, UsageError
-from surepoint.locks import is_stale, read_locks
-from surepoint.manifest import RestorePoint
 from surepoint.mount import fusefs
 from surepoint.mount.fusefs import DiskView, image_path, volume_path
 from surepoint.mount.partitions import PartitionTable, read_partition_table
@@ -35,7 +33,9 @@ from surepoint.mount.reader import (
     Prefetcher,
 )
 from surepoint.mount.state import MountState, clean_stale, is_mountpoint, process_start, run, teardown
-from surepoint.repository import Repository
+from surepoint.repo.locks import is_stale, read_locks
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
 
 log = logging.getLogger("surepoint.mount")
 

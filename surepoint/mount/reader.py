@@ -14,11 +14,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from surepoint.chunks import ZERO_ID
 from surepoint.errors import DamagedData
-from surepoint.fixed_index import FixedIndex
-from surepoint.manifest import DiskRecord, RestorePoint
-from surepoint.repository import Repository
+from surepoint.repo.chunks import ZERO_ID
+from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.manifest import DiskRecord, RestorePoint
+from surepoint.repo.repository import Repository
 
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_READAHEAD_CHUNKS = 4

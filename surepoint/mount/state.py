@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from surepoint.errors import SurepointError, UsageError
-from surepoint.locks import _process_alive
+from surepoint.repo.locks import _process_alive
 from surepoint.statefile import write_json_atomically
 
 DEFAULT_STATE_DIR = "/run/surepoint/mounts"

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from surepoint.extents import Extent, merge
+from surepoint.repo.extents import Extent, merge
 from surepoint.vm.errors import NbdError, NbdProtocolError, NbdServerError
 
 # Handshake

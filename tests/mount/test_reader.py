@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from surepoint.chunks import ZERO_ID
 from surepoint.errors import DamagedData, ObjectMissing
-from surepoint.fixed_index import FixedIndex
-from surepoint.manifest import DiskRecord, RestorePoint
 from surepoint.mount.reader import ChunkCache, ChunkReadError, DiskReader, Prefetcher
+from surepoint.repo.chunks import ZERO_ID
+from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.manifest import DiskRecord, RestorePoint
 
 CHUNK = 64 << 10
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from surepoint.extents import Extent
+from surepoint.repo.extents import Extent
 from surepoint.sources import FileDiskSource
 from surepoint.vm.errors import NbdError, NbdServerError
 from surepoint.vm.nbd import BASE_ALLOCATION, STATE_HOLE, STATE_ZERO, NbdClient, NbdDiskSource

@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from surepoint.chunks import ZERO_ID
-from surepoint.extents import Extent, chunks_touched
-from surepoint.fixed_index import FixedIndex
-from surepoint.locks import repository_lock
-from surepoint.manifest import CONSISTENCY_LEVELS, DiskRecord, RestorePoint
-from surepoint.repository import Repository, utc_now
+from surepoint.repo.chunks import ZERO_ID
+from surepoint.repo.extents import Extent, chunks_touched
+from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.locks import repository_lock
+from surepoint.repo.manifest import CONSISTENCY_LEVELS, DiskRecord, RestorePoint
+from surepoint.repo.repository import Repository, utc_now
 from surepoint.sources import DiskSource
 
 ProgressCallback = Callable[[int], None]

@@ -9,9 +9,6 @@ import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from surepoint import crypto
-from surepoint.chunks import ChunkStore
-from surepoint.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
 from surepoint.errors import (
     DamagedData,
     NotARepository,
@@ -20,8 +17,11 @@ from surepoint.errors import (
     SurepointError,
     UsageError,
 )
-from surepoint.fixed_index import FixedIndex
-from surepoint.manifest import RestorePoint
+from surepoint.repo import crypto
+from surepoint.repo.chunks import ChunkStore
+from surepoint.repo.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
+from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.manifest import RestorePoint
 from surepoint.storage.backend import Backend, ObjectNotFound
 from surepoint.storage.local import LocalBackend
 

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
     from rich.table import Table
 
-    from surepoint.cli import Context, JsonOption, _print_json, err, out
+    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
 
     @app.command()
     def mount(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import blake3
 
-from surepoint.envelope import KIND_CHUNK, Envelope
 from surepoint.errors import DamagedData, ObjectMissing
+from surepoint.repo.envelope import KIND_CHUNK, Envelope
 from surepoint.storage.backend import Backend, ObjectNotFound
 
 DIGEST_SIZE = 32

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from surepoint.catalog import Catalog
-from surepoint.chunks import ZERO_ID
 from surepoint.errors import DamagedData
-from surepoint.extents import Extent, merge
-from surepoint.manifest import RestorePoint
-from surepoint.repository import Repository
+from surepoint.repo.chunks import ZERO_ID
+from surepoint.repo.extents import Extent, merge
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
 
 
 @dataclass

@@ -13,7 +13,7 @@ from surepoint.errors import UsageError
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
-    from surepoint.cli import Context, JsonOption, _print_json, err, out
+    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
 
     @app.command("instant-recover")
     def instant_recover(
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         either `--migrate-to DIR --workdir W` (live copy to production storage, switch-over, unmount)
         or `--discard --workdir W` (stop the VM, throw its writes away).
         """
-        from surepoint.commands.mount import parse_size
+        from surepoint.cli.mount import parse_size
         from surepoint.jobs.instant_recovery import (
             default_workdir,
             discard_instant,

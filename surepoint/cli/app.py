@@ -18,18 +18,18 @@ from rich.table import Table
 from rich.text import Text
 
 from surepoint import __version__
-from surepoint.backup import BackupRequest, run_backup
 from surepoint.catalog import Catalog, default_catalog_path
 from surepoint.errors import DamagedData, SurepointError, UsageError
-from surepoint.gc import MARGIN_SECONDS, collect_garbage
-from surepoint.locks import read_locks, remove_stale_locks
-from surepoint.manifest import RestorePoint
 from surepoint.progress import byte_progress, count_progress
-from surepoint.repository import DEFAULT_CHUNK_SIZE, Repository, open_backend
-from surepoint.restore import restore_disk
-from surepoint.retention import Candidate, Policy, apply_policy
+from surepoint.repo.backup import BackupRequest, run_backup
+from surepoint.repo.gc import MARGIN_SECONDS, collect_garbage
+from surepoint.repo.locks import read_locks, remove_stale_locks
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import DEFAULT_CHUNK_SIZE, Repository, open_backend
+from surepoint.repo.restore import restore_disk
+from surepoint.repo.retention import Candidate, Policy, apply_policy
+from surepoint.repo.verify import verify as run_verify
 from surepoint.sources import FileDiskSource
-from surepoint.verify import verify as run_verify
 
 EXIT_DAMAGE = 3
 
@@ -537,7 +537,7 @@ def forget(
     as_json: JsonOption = False,
 ) -> None:
     """Forget restore points by a retention policy (per name); data goes at the next `gc`."""
-    from surepoint.locks import repository_lock
+    from surepoint.repo.locks import repository_lock
 
     c: Context = ctx.obj
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
@@ -773,7 +773,7 @@ def events(
 
 
 def _register_command_modules() -> None:
-    from surepoint.commands import instant, lab, mount
+    from surepoint.cli import instant, lab, mount
 
     mount.register(app)
     instant.register(app)

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from surepoint.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.errors import DamagedData
-from surepoint.locks import is_stale, read_locks, remove_stale_locks, repository_lock
-from surepoint.repository import INDEX_PREFIX, Repository
+from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
+from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
+from surepoint.repo.repository import INDEX_PREFIX, Repository
 from surepoint.storage.backend import ObjectNotFound
 
 MARGIN_SECONDS = 300

@@ -18,8 +18,8 @@ import blake3
 import zstandard
 from cryptography.exceptions import InvalidTag
 
-from surepoint.crypto import CIPHER_CODES, NONCE_SIZE, Keys
 from surepoint.errors import DamagedData
+from surepoint.repo.crypto import CIPHER_CODES, NONCE_SIZE, Keys
 
 MAGIC = b"SPO1"
 HEADER = struct.Struct("<4sBBBB")

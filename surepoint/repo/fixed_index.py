@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from surepoint.chunks import DIGEST_SIZE, ZERO_ID
 from surepoint.errors import DamagedData
+from surepoint.repo.chunks import DIGEST_SIZE, ZERO_ID
 
 MAGIC = b"SPFX"
 VERSION = 1

@@ -37,7 +37,7 @@ def _targets(repo, refs: list[str]) -> list:
 
 def register(app: typer.Typer) -> None:
     """Add the `lab` command group to the main app."""
-    from surepoint.cli import Context, JsonOption, _print_json, err, out
+    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
 
     lab_app = typer.Typer(help="Recovery verification: boot restore points in an isolated lab and test them.")
     app.add_typer(lab_app, name="lab")
@@ -76,8 +76,8 @@ def register(app: typer.Typer) -> None:
         then the restore points given. Nothing is written to the repository and nothing in the lab
         can reach production. Exit 0 when every VM passed, 4 when a test failed, 3 on damaged chunks.
         """
-        from surepoint.cli import EXIT_DAMAGE, _prune_after_verify
-        from surepoint.commands.mount import parse_size
+        from surepoint.cli.app import EXIT_DAMAGE, _prune_after_verify
+        from surepoint.cli.mount import parse_size
         from surepoint.lab.config import load_lab_config, parse_lab_config
         from surepoint.lab.runner import Lab
         from surepoint.mount.manager import MountOptions

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from surepoint.chunks import ZERO_ID
 from surepoint.errors import DamagedData, SurepointError, TargetError
-from surepoint.fixed_index import FixedIndex
-from surepoint.locks import repository_lock
-from surepoint.manifest import RestorePoint
-from surepoint.repository import Repository
+from surepoint.repo.chunks import ZERO_ID
+from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.locks import repository_lock
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
 
 SPARSE_BLOCK = 64 << 10  # zero runs of this size inside a chunk are left as holes in a new file
 
