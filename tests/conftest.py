@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.servers.seaweedfs"]  # shared real servers
+
 SUREPOINT = shutil.which("surepoint") or os.path.join(os.path.dirname(sys.executable), "surepoint")
 
 
