@@ -152,6 +152,9 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Partition number, or 'fs' for a whole-disk filesystem.")
         ] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace files that exist in the target.")] = False,
+        keep_setuid: Annotated[
+            bool, typer.Option("--keep-setuid", help="Keep set-uid/set-gid bits (cleared by default).")
+        ] = False,
         into_vm: Annotated[
             str | None, typer.Option("--into-vm", help="Write into this running VM through its guest agent.")
         ] = None,
@@ -163,8 +166,9 @@ def register(app: typer.Typer) -> None:
         """Copy files and directories out of a restore point, keeping owners, modes, times, symlinks and holes.
 
         Each PATH lands at the same path below --to (`/etc/nginx` with `--to /tmp/r` gives
-        /tmp/r/etc/nginx). An existing mount of the restore point is reused; otherwise one is made
-        for the copy and taken down afterwards.
+        /tmp/r/etc/nginx); a new --to is created 0700. Owners are the guest's numeric ids;
+        set-uid/set-gid bits are cleared unless --keep-setuid. An existing mount of the restore
+        point is reused; otherwise one is made for the copy and taken down afterwards.
         """
         from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, guest_agent_for, pick_volume
         from surepoint.mount.files import restore_files as copy_files
@@ -200,12 +204,12 @@ def register(app: typer.Typer) -> None:
             if into_vm:
                 agent = guest_agent_for(into_vm, inventory)
                 try:
-                    target = GuestTarget(agent, to, overwrite, report)
+                    target = GuestTarget(agent, to, overwrite, report, keep_setuid)
                     copy_files(volume["path"], paths, target, report)
                 finally:
                     agent.close()
             else:
-                target = LocalTarget(to, overwrite, report)
+                target = LocalTarget(to, overwrite, report, keep_setuid)
                 try:
                     copy_files(volume["path"], paths, target, report)
                 finally:

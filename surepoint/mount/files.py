@@ -17,6 +17,20 @@ target directory:
 
 Metadata (owner, group, mode, times, extended attributes locally) is kept; sparse files keep
 their holes locally (SEEK_DATA / SEEK_HOLE). Hard links are restored as separate copies.
+
+What a guest's files may do to the host that restores them:
+
+* Owners are kept as the guest's numeric ids, never mapped by name: uid 1000 in the guest is
+  whoever is uid 1000 on the host (or in the target VM). Only root can set them; otherwise the
+  files belong to the user running the restore (one warning says so).
+* Set-uid and set-gid bits are cleared on restored files unless the caller asks to keep them
+  (`keep_setuid`, the command's --keep-setuid): a guest's set-uid-root program must not become one
+  on the host. Each cleared file is listed as a warning.
+* A local --to that does not exist is created 0700, so what lands there (a copy of the guest's
+  /etc/shadow, its private keys) is not readable by other local users; an existing --to keeps its
+  mode, with a warning when other users can enter it.
+* Every name in a message is escaped (surepoint.text.printable): a guest's file name never writes
+  control characters or escape sequences to the operator's terminal.
 """
 
 from __future__ import annotations
@@ -30,8 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.errors import SurepointError, UsageError
+from surepoint.text import printable
 
 COPY_BLOCK = 1 << 20
+SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
 MAX_SYMLINKS = 40
 MAX_DEPTH = 512
 
@@ -54,10 +70,12 @@ class CopyReport:
 def normalize_request(path: str) -> list[str]:
     """The components of a path inside the guest filesystem; `..` is refused."""
     if "\0" in path:
-        raise UsageError(f"{path!r}: a path cannot contain NUL")
+        raise UsageError(f"{printable(path)}: a path cannot contain NUL")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UsageError(f"{path!r}: '..' is not allowed in a path to restore (give the path from the filesystem root)")
+        raise UsageError(
+            f"{printable(path)}: '..' is not allowed in a path to restore (give the path from the filesystem root)"
+        )
     return parts
 
 
@@ -96,7 +114,7 @@ def resolve_source(root: str, parts: list[str]) -> list[str]:
 
 def _check_name(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise ValueError(f"unsafe file name {name!r} in the restore point")
+        raise ValueError(f"unsafe file name {printable(name)!r} in the restore point")
 
 
 def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -127,13 +145,22 @@ def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 class LocalTarget:
     """Writes below a local directory through directory file descriptors, never following a symlink."""
 
-    def __init__(self, directory: str, overwrite: bool, report: CopyReport) -> None:
-        os.makedirs(directory, exist_ok=True)
+    def __init__(self, directory: str, overwrite: bool, report: CopyReport, keep_setuid: bool = False) -> None:
+        try:
+            os.makedirs(directory, mode=0o700)
+            os.chmod(directory, 0o700)  # whatever the umask
+        except FileExistsError:
+            pass
         self.root_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.directory = directory
         self.overwrite = overwrite
+        self.keep_setuid = keep_setuid
         self.report = report
         self._warned_owner = False
+        if stat.S_IMODE(os.fstat(self.root_fd).st_mode) & 0o077:
+            report.warnings.append(
+                f"{printable(directory)} can be entered by other users: restored files keep the guest's modes"
+            )
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -192,7 +219,7 @@ class LocalTarget:
             os.ftruncate(fd, st.st_size)
             self.report.sparse_bytes += st.st_size - sum(e - s for s, e in data_ranges(fd, st.st_size))
             self._copy_xattrs(src_fd, fd, rel)
-            self._set_metadata_fd(fd, st, rel)
+            self._set_metadata_fd(fd, st, rel, regular=True)
         finally:
             os.close(fd)
 
@@ -213,12 +240,13 @@ class LocalTarget:
             self._copy_xattrs(src_fd, handle, rel)
         self._set_metadata_fd(handle, st, rel)
 
-    def _set_metadata_fd(self, fd: int, st: os.stat_result, rel: str) -> None:
+    def _set_metadata_fd(self, fd: int, st: os.stat_result, rel: str, regular: bool = False) -> None:
         try:
             os.fchown(fd, st.st_uid, st.st_gid)
         except PermissionError:
             self._owner_warning()
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))  # after chown, which clears set-id bits
+        mode = _restored_mode(st, rel, regular, self.keep_setuid, self.report)
+        os.fchmod(fd, mode)  # after chown, which clears set-id bits
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _copy_xattrs(self, src_fd: int, dst_fd: int, rel: str) -> None:
@@ -231,7 +259,9 @@ class LocalTarget:
                 os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                    self.report.warnings.append(f"{rel}: extended attribute {attr} not restored: {exc.strerror}")
+                    self.report.warnings.append(
+                        f"{rel}: extended attribute {printable(attr)} not restored: {exc.strerror}"
+                    )
 
     def _owner_warning(self) -> None:
         if not self._warned_owner:
@@ -242,12 +272,13 @@ class LocalTarget:
 class GuestTarget:
     """Writes below a directory of a running VM through qemu-guest-agent (handles are guest paths)."""
 
-    def __init__(self, agent, directory: str, overwrite: bool, report: CopyReport) -> None:
+    def __init__(self, agent, directory: str, overwrite: bool, report: CopyReport, keep_setuid: bool = False) -> None:
         if not directory.startswith("/"):
-            raise UsageError(f"--to {directory!r}: give an absolute path inside the VM")
+            raise UsageError(f"--to {printable(directory)}: give an absolute path inside the VM")
         self.agent = agent
         self.directory = posixpath.normpath(directory)
         self.overwrite = overwrite
+        self.keep_setuid = keep_setuid
         self.report = report
         self._checked: set[str] = set()
         self._run(["mkdir", "-p", "--", self.directory])
@@ -259,7 +290,7 @@ class GuestTarget:
     def _run(self, argv: list[str], *, check: bool = True):
         result = self.agent.exec(argv, timeout=120.0)
         if check and not result.ok:
-            detail = result.stderr.decode(errors="replace").strip() or f"exit code {result.exitcode}"
+            detail = printable(result.stderr.decode(errors="replace").strip()) or f"exit code {result.exitcode}"
             raise OSError(errno.EIO, f"in the VM, {argv[0]} failed: {detail}")
         return result
 
@@ -267,7 +298,9 @@ class GuestTarget:
         """The directory exists and (below --to) no component of it is a symlink."""
         real = self._run(["realpath", "-e", "--", path]).stdout.decode(errors="surrogateescape").rstrip("\n")
         if not allow_symlinks and real != path:
-            raise OSError(errno.ELOOP, f"{path} in the VM leads through a symlink to {real}; not followed")
+            raise OSError(
+                errno.ELOOP, f"{printable(path)} in the VM leads through a symlink to {printable(real)}; not followed"
+            )
         if allow_symlinks:
             self.directory = real
         self._checked.add(path)
@@ -317,7 +350,7 @@ class GuestTarget:
                 self.report.bytes += len(block)
         finally:
             self.agent.file_close(handle)
-        self._set_metadata(tmp, st, symlink=False)
+        self._set_metadata(tmp, st, symlink=False, rel=rel, regular=True)
         self._place(tmp, posixpath.join(parent, name), rel)
 
     def make_symlink(self, parent: str, name: str, rel: str, target: str, st: os.stat_result) -> None:
@@ -329,12 +362,25 @@ class GuestTarget:
     def finish_dir(self, handle: str, rel: str, st: os.stat_result, src_fd: int | None = None) -> None:
         self._set_metadata(handle, st, symlink=False)
 
-    def _set_metadata(self, path: str, st: os.stat_result, *, symlink: bool) -> None:
+    def _set_metadata(self, path: str, st: os.stat_result, *, symlink: bool, rel: str = "", regular: bool = False):
         self._run(["chown", "-h", f"{st.st_uid}:{st.st_gid}", "--", path])
         if not symlink:
-            self._run(["chmod", f"{stat.S_IMODE(st.st_mode):o}", "--", path])
+            mode = _restored_mode(st, rel, regular, self.keep_setuid, self.report)
+            self._run(["chmod", f"{mode:o}", "--", path])
         stamp = f"@{st.st_mtime_ns // 1_000_000_000}.{st.st_mtime_ns % 1_000_000_000:09d}"
         self._run(["touch", "-h", "-d", stamp, "--", path])
+
+
+def _restored_mode(st: os.stat_result, rel: str, regular: bool, keep_setuid: bool, report: CopyReport) -> int:
+    """The permission bits a restored entry gets: the source's, without set-uid/set-gid on files unless kept.
+
+    A directory keeps set-gid (it only makes new files inherit the group)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if regular and mode & SET_ID_BITS and not keep_setuid:
+        kept = mode & ~SET_ID_BITS
+        report.warnings.append(f"{rel}: set-uid/set-gid bits cleared (mode {mode:04o} restored as {kept:04o})")
+        mode &= ~SET_ID_BITS
+    return mode
 
 
 # -- the walk ---------------------------------------------------------------------------------
@@ -355,9 +401,9 @@ def restore_files(
             src = os.path.join(root, *resolved)
             st = os.lstat(src)
         except OSError as exc:
-            report.errors.append(f"{request}: {exc.strerror or exc} in the restore point")
+            report.errors.append(f"{printable(request)}: {exc.strerror or exc} in the restore point")
             continue
-        rel = "/" + "/".join(resolved)
+        rel = printable("/" + "/".join(resolved))  # `rel` names an entry in messages only: always escaped
         if progress:
             progress(rel)
         try:
@@ -385,7 +431,7 @@ def _parent_dirs(root: str, parts: list[str], target) -> tuple[list, list]:
     created = []
     try:
         for i, name in enumerate(parts):
-            rel = "/" + "/".join(parts[: i + 1])
+            rel = printable("/" + "/".join(parts[: i + 1]))
             child, was_created = target.open_dir(handles[-1], name, rel)
             handles.append(child)
             if was_created:
@@ -460,7 +506,7 @@ def _copy_children(src: str, handle, rel: str, target, report: CopyReport, depth
         report.errors.append(f"{rel}: cannot list: {exc.strerror or exc}")
         return
     for entry in entries:
-        child_rel = posixpath.join(rel, entry.name)
+        child_rel = posixpath.join(rel, printable(entry.name))
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError as exc:
@@ -478,7 +524,7 @@ def pick_volume(mounts: list[dict], disk: int | None, partition: str | None) -> 
     if len(candidates) == 1:
         return candidates[0]
     choices = ", ".join(
-        f"--disk {m['disk']} --partition {m['volume'].removeprefix('part')} ({m['fstype']})" for m in mounts
+        f"--disk {m['disk']} --partition {m['volume'].removeprefix('part')} ({printable(m['fstype'])})" for m in mounts
     )
     if not candidates:
         raise UsageError(f"no mounted filesystem matches (mounted: {choices or 'none'})")
@@ -491,5 +537,5 @@ def guest_agent_for(vm_name: str, inventory: str | None):
 
     vm = find_vm(vm_name, inventory)
     if not vm.guest_agent and not vm.libvirt_uri:
-        raise UsageError(f"VM {vm_name!r} has no guest-agent channel (org.qemu.guest_agent.0)")
+        raise UsageError(f"VM {printable(vm_name)} has no guest-agent channel (org.qemu.guest_agent.0)")
     return open_guest_agent(vm, timeout=60.0)  # through libvirtd for a libvirt domain
