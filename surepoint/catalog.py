@@ -2,6 +2,12 @@
 
 The repository holds the data and is the truth about what restore points exist; the catalog
 holds what happened to them (jobs, phases, verification). Losing it loses history, never data.
+
+No secret is kept in the catalog. A transaction-log prune that waits for verification (log mode
+after-verify) needs its writer's settings later; a password in them (`password = ...` in the job
+file) is moved to a credentials file of its own (0600, in the 0700 directory `<catalog>.credentials/`)
+that the row only names, and that file is deleted as soon as the prune has run or
+is dropped. A writer configured with `password_file` is referenced, never copied.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -47,7 +54,8 @@ CREATE TABLE IF NOT EXISTS pending_log_prunes (
     writer_config TEXT NOT NULL,
     metadata TEXT NOT NULL,
     created TEXT NOT NULL,
-    done TEXT
+    done TEXT,
+    credentials TEXT             -- the name of this prune's credentials file, while it waits
 );
 CREATE TABLE IF NOT EXISTS chunk_checks (
     repository TEXT NOT NULL,
@@ -56,6 +64,10 @@ CREATE TABLE IF NOT EXISTS chunk_checks (
     PRIMARY KEY (repository, chunk_id)
 );
 """
+
+
+# Writer settings that are secrets: never stored in the catalog (see the module docstring).
+SECRET_SETTINGS = ("password",)
 
 
 def default_catalog_path() -> str:
@@ -87,8 +99,10 @@ class Catalog:
         with contextlib.suppress(OSError):
             os.chmod(path, 0o600)  # job settings waiting for after-verify may include credentials
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA secure_delete=ON")  # what is deleted or overwritten is zeroed, not left in free pages
         self._db.executescript(SCHEMA)
         self._write_lock = threading.Lock()  # one connection shared by a job's threads
+        self._move_secrets_out()
 
     def close(self) -> None:
         self._db.close()
@@ -179,17 +193,28 @@ class Catalog:
     def add_pending_prune(
         self, repository: str, restore_point: str, source: str, writer_type: str, config: dict, metadata: dict
     ) -> None:
+        public, secret = split_secrets(config)
+        credentials = self._write_credentials(secret) if secret else None
         with self._write_lock, self._db:
             self._db.execute(
                 "INSERT INTO pending_log_prunes(repository, restore_point, source, writer_type, writer_config,"
-                " metadata, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (repository, restore_point, source, writer_type, json.dumps(config), json.dumps(metadata), now_iso()),
+                " metadata, created, credentials) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    repository,
+                    restore_point,
+                    source,
+                    writer_type,
+                    json.dumps(public),
+                    json.dumps(metadata),
+                    now_iso(),
+                    credentials,
+                ),
             )
 
     def pending_prunes(self, repository: str, restore_point: str | None = None) -> list[dict]:
         sql = (
-            "SELECT id, restore_point, source, writer_type, writer_config, metadata FROM pending_log_prunes"
-            " WHERE repository=? AND done IS NULL"
+            "SELECT id, restore_point, source, writer_type, writer_config, metadata, credentials"
+            " FROM pending_log_prunes WHERE repository=? AND done IS NULL"
         )
         args: list = [repository]
         if restore_point:
@@ -201,15 +226,84 @@ class Catalog:
                 "restore_point": r[1],
                 "source": r[2],
                 "writer_type": r[3],
-                "writer_config": json.loads(r[4]),
+                "writer_config": {**json.loads(r[4]), **self._read_credentials(r[6])},
                 "metadata": json.loads(r[5]),
             }
-            for r in self._db.execute(sql + " ORDER BY id", args)
+            for r in self._db.execute(sql + " ORDER BY id", args).fetchall()
         ]
 
     def mark_prune_done(self, prune_id: int) -> None:
+        """The prune ran (or is dropped): it is history now, and its credentials file is deleted."""
         with self._write_lock, self._db:
-            self._db.execute("UPDATE pending_log_prunes SET done=? WHERE id=?", (now_iso(), prune_id))
+            row = self._db.execute("SELECT credentials FROM pending_log_prunes WHERE id=?", (prune_id,)).fetchone()
+            self._db.execute("UPDATE pending_log_prunes SET done=?, credentials=NULL WHERE id=?", (now_iso(), prune_id))
+        if row and row[0]:
+            self._remove_credentials(row[0])
+
+    def drop_pending_prunes(self, repository: str, restore_points: Iterable[str]) -> int:
+        """Forgotten restore points wait for no prune: end theirs (credentials deleted); return how many."""
+        dropped = 0
+        for point in restore_points:
+            for pending in self.pending_prunes(repository, point):
+                self.mark_prune_done(pending["id"])
+                dropped += 1
+        return dropped
+
+    # credentials of waiting prunes ----------------------------------------------------------
+
+    def _credentials_dir(self) -> str:
+        return os.path.abspath(self.path) + ".credentials"
+
+    def _write_credentials(self, secret: dict) -> str:
+        directory = self._credentials_dir()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+        name = f"prune-{secrets.token_hex(8)}.json"
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(secret, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return name
+
+    def _read_credentials(self, name: str | None) -> dict:
+        if not name:
+            return {}
+        try:
+            with open(os.path.join(self._credentials_dir(), os.path.basename(name))) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}  # gone: the writer then fails to log in, reported as a failed prune; logs are kept
+        return data if isinstance(data, dict) else {}
+
+    def _remove_credentials(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._credentials_dir(), os.path.basename(name)))
+
+    def _move_secrets_out(self) -> None:
+        """Catalogs written before credentials files: waiting prunes get one, finished ones lose their secret."""
+        with self._write_lock, self._db:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(pending_log_prunes)")}
+            if "credentials" not in columns:
+                self._db.execute("ALTER TABLE pending_log_prunes ADD COLUMN credentials TEXT")
+            rows = self._db.execute(
+                "SELECT id, writer_config, done FROM pending_log_prunes WHERE "
+                + " OR ".join("writer_config LIKE ?" for _ in SECRET_SETTINGS),
+                [f'%"{key}"%' for key in SECRET_SETTINGS],
+            ).fetchall()
+            moved = False
+            for prune_id, raw, done in rows:
+                public, secret = split_secrets(json.loads(raw))
+                if not secret:
+                    continue
+                credentials = None if done else self._write_credentials(secret)
+                self._db.execute(
+                    "UPDATE pending_log_prunes SET writer_config=?, credentials=? WHERE id=?",
+                    (json.dumps(public), credentials, prune_id),
+                )
+                moved = True
+        if moved:  # the old rows' pages must not stay behind in the write-ahead log either
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def record_chunk_checks(self, repository: str, chunk_ids: Iterable[bytes]) -> None:
         stamp = now_iso()
@@ -231,3 +325,10 @@ class Catalog:
             "SELECT chunk_id FROM chunk_checks WHERE repository=? AND checked_at>=?", (repository, since)
         )
         return {bytes(r[0]) for r in rows}
+
+
+def split_secrets(config: dict) -> tuple[dict, dict]:
+    """(the writer settings without secrets, the secrets)."""
+    public = {k: v for k, v in config.items() if k not in SECRET_SETTINGS}
+    secret = {k: v for k, v in config.items() if k in SECRET_SETTINGS and v is not None}
+    return public, secret

@@ -32,7 +32,8 @@ class MariaDBWriter(Writer):
         return argv
 
     def _env(self) -> dict[str, str]:
-        return {"MYSQL_PWD": str(self.config["password"])} if self.config.get("password") else {}
+        password = self.secret("password")
+        return {"MYSQL_PWD": password} if password else {}
 
     def _ask(self, sql: str, timeout: float = 60) -> list[list[str]]:
         marker = f"__surepoint_{next(_markers)}__"

@@ -30,10 +30,11 @@ class PostgresWriter(Writer):
             ("port", "PGPORT"),
             ("user", "PGUSER"),
             ("dbname", "PGDATABASE"),
-            ("password", "PGPASSWORD"),
         ):
             if self.config.get(key) is not None:
                 env[var] = str(self.config[key])
+        if (password := self.secret("password")) is not None:
+            env["PGPASSWORD"] = password
         return env
 
     def _argv(self, tool: str, *args: str) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from surepoint.consistency.runner import CommandRunner
+from surepoint.consistency.runner import CommandFailed, CommandRunner
 
 
 @dataclass
@@ -41,6 +41,22 @@ class Writer:
         self.runner = runner
         self.config = dict(config or {})
         self.metadata: dict = {}
+
+    def secret(self, key: str) -> str | None:
+        """A secret setting: `key` itself, or the first line of the file named by `<key>_file`.
+
+        `password_file` keeps the password out of the job file and out of the catalog, which then
+        only names the file (see surepoint.catalog)."""
+        if self.config.get(key) is not None:
+            return str(self.config[key])
+        path = self.config.get(f"{key}_file")
+        if not path:
+            return None
+        try:
+            with open(path) as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise CommandFailed(f"{key}_file {path}: {exc.strerror or exc}") from None
 
     def identify(self) -> list[Component]:
         return []
