@@ -19,7 +19,15 @@ from rich.text import Text
 
 from surepoint import __version__
 from surepoint.catalog import Catalog, default_catalog_path
-from surepoint.errors import DamagedData, SurepointError, UsageError
+from surepoint.errors import (
+    DamagedData,
+    RepositoryLocked,
+    RepositoryNotFound,
+    RestorePointNotFound,
+    SurepointError,
+    UnreadableRestorePoints,
+    UsageError,
+)
 from surepoint.progress import byte_progress, count_progress
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.gc import MARGIN_SECONDS, collect_garbage
@@ -47,6 +55,21 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap
 
 def _say_error(message: str) -> None:
     err.print(Text.assemble(("error:", "red"), " ", message))
+
+
+# What to do next, by error class: the core names the problem, the command line gives the advice.
+HINTS: dict[type[SurepointError], str] = {
+    RepositoryNotFound: "check --repo, or create one with `surepoint init`",
+    RestorePointNotFound: "see `surepoint list`",
+    RepositoryLocked: "wait for it to finish, or run `surepoint unlock` if that process is gone",
+    UnreadableRestorePoints: "run `surepoint verify`, then forget or repair those restore points",
+}
+
+
+def _error_with_hint(exc: SurepointError) -> str:
+    """The error's message and the advice for it, on one line (the error line is the last on stderr)."""
+    hint = exc.hint or next((h for cls, h in HINTS.items() if isinstance(exc, cls)), None)
+    return f"{exc}; {hint}" if hint else str(exc)
 
 
 def _say_warning(message: str) -> None:
@@ -789,10 +812,10 @@ def main() -> None:
         app()
     except DamagedData as exc:
         # escape: messages hold paths, which may contain [brackets]; soft_wrap: one line, never wrapped
-        _say_error(str(exc))
+        _say_error(_error_with_hint(exc))
         sys.exit(EXIT_DAMAGE)
     except SurepointError as exc:
-        _say_error(str(exc))
+        _say_error(_error_with_hint(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

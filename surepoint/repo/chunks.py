@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import blake3
 
-from surepoint.errors import DamagedData, ObjectMissing
+from surepoint.errors import DamagedData
 from surepoint.repo.envelope import KIND_CHUNK, Envelope
 from surepoint.storage.backend import Backend, ObjectNotFound
 
@@ -61,7 +61,7 @@ class ChunkStore:
         try:
             blob = self.backend.get(chunk_object_name(chunk_id))
         except ObjectNotFound:
-            raise ObjectMissing(f"chunk {chunk_id.hex()[:16]} is missing from the repository") from None
+            raise DamagedData(f"chunk {chunk_id.hex()[:16]} is missing from the repository") from None
         data = self.envelope.open(KIND_CHUNK, chunk_id.hex(), blob)
         if self.chunk_id(data) != chunk_id:
             raise DamagedData(f"chunk {chunk_id.hex()[:16]} is damaged (content does not match its id)")

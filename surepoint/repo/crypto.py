@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from surepoint.errors import UsageError, WrongPassphrase
+from surepoint.errors import InvalidRepositoryConfig, WrongPassphrase
 
 CIPHERS = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
 CIPHER_CODES = {"none": 0, "aes-256-gcm": 1, "chacha20-poly1305": 2}
@@ -49,9 +49,9 @@ def _kek(passphrase: str, kdf: dict) -> bytes:
 def new_key_record(cipher: str, passphrase: str, repository_id: str) -> tuple[Keys, dict]:
     """Make fresh random keys and the config record that stores them wrapped by the passphrase."""
     if cipher not in CIPHERS:
-        raise UsageError(f"unknown encryption {cipher!r}: choose none, aes-256-gcm or chacha20-poly1305")
+        raise InvalidRepositoryConfig(f"unknown encryption {cipher!r}: choose none, aes-256-gcm or chacha20-poly1305")
     if not passphrase:
-        raise UsageError("an encrypted repository needs a non-empty passphrase")
+        raise InvalidRepositoryConfig("an encrypted repository needs a non-empty passphrase")
     keys = Keys(cipher, os.urandom(32), os.urandom(32))
     kdf = {"name": "scrypt", **DEFAULT_SCRYPT, "salt": _b64(os.urandom(16))}
     nonce = os.urandom(NONCE_SIZE)
@@ -78,7 +78,7 @@ def _key_aad(repository_id: str) -> bytes:
 def rewrap_keys(record: dict, old_passphrase: str, new_passphrase: str, repository_id: str) -> dict:
     """The config record with the same keys wrapped by a new passphrase (fresh salt); no data changes."""
     if not new_passphrase:
-        raise UsageError("the new passphrase must not be empty")
+        raise InvalidRepositoryConfig("the new passphrase must not be empty")
     keys = unwrap_keys(record, old_passphrase, repository_id)
     kdf = {"name": "scrypt", **DEFAULT_SCRYPT, "salt": _b64(os.urandom(16))}
     nonce = os.urandom(NONCE_SIZE)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from surepoint.errors import DamagedData
+from surepoint.errors import DamagedData, UnreadableRestorePoints
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
 from surepoint.repo.repository import INDEX_PREFIX, Repository
@@ -70,14 +70,15 @@ def collect_garbage(
                     # Without its index we cannot know what the point needs; refuse to delete anything.
                     result.unreadable_points.append(point.id)
         if result.unreadable_points:
-            raise DamagedData(
-                "garbage collection stopped: the indexes of restore points "
+            raise UnreadableRestorePoints(
+                "garbage collection stopped, nothing was deleted: the indexes of restore points "
                 + ", ".join(sorted(set(result.unreadable_points)))
-                + " are unreadable; run `surepoint verify` and forget or repair them first"
+                + " are unreadable"
             )
         if repository.damaged_manifests:
-            raise DamagedData(
-                "garbage collection stopped: unreadable manifests " + ", ".join(repository.damaged_manifests)
+            raise UnreadableRestorePoints(
+                "garbage collection stopped, nothing was deleted: unreadable manifests "
+                + ", ".join(repository.damaged_manifests)
             )
         referenced.discard(ZERO_ID)
         result.referenced_chunks = len(referenced)

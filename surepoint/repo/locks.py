@@ -113,10 +113,7 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
             continue
         if held:
             backend.delete(name)
-        raise RepositoryLocked(
-            f"repository is locked ({other.describe()}); wait for it to finish, "
-            "or run `surepoint unlock` if that process is gone"
-        )
+        raise RepositoryLocked(f"repository is locked ({other.describe()})")
     if not held:
         yield record
         return

@@ -10,12 +10,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from surepoint.errors import (
+    AmbiguousReference,
     DamagedData,
+    InvalidRepositoryConfig,
+    NoSuchDisk,
     NotARepository,
+    NotEncrypted,
+    RepositoryExists,
     RepositoryNotFound,
     RestorePointNotFound,
     SurepointError,
-    UsageError,
+    UnsupportedLocation,
 )
 from surepoint.repo import crypto
 from surepoint.repo.chunks import ChunkStore
@@ -42,19 +47,19 @@ def utc_now() -> str:
 def open_backend(location: str, *, create: bool = False) -> Backend:
     """The backend for a repository location (a local path for now)."""
     if "://" in location and not location.startswith("file://"):
-        raise UsageError(f"repository location {location!r}: only local paths are supported so far")
+        raise UnsupportedLocation(f"repository location {location!r}: only local paths are supported so far")
     path = location.removeprefix("file://")
     if create:
         if os.path.exists(os.path.join(path, CONFIG)):
-            raise UsageError(f"a repository already exists at {path}")
+            raise RepositoryExists(f"a repository already exists at {path}")
         if os.path.isdir(path) and os.listdir(path):
-            raise UsageError(f"{path} exists and is not empty: choose a new or empty directory")
+            raise RepositoryExists(f"{path} exists and is not empty: choose a new or empty directory")
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
             raise SurepointError(f"cannot create repository directory {path}: {exc.strerror}") from None
     elif not os.path.isdir(path):
-        raise RepositoryNotFound(f"no repository at {path}: check --repo, or create one with `surepoint init`")
+        raise RepositoryNotFound(f"no repository at {path}")
     return LocalBackend(path)
 
 
@@ -90,7 +95,7 @@ class Repository:
         compression_level: int = 3,
     ) -> Repository:
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-            raise UsageError("chunk size must be a power of two between 64 KiB and 64 MiB")
+            raise InvalidRepositoryConfig("chunk size must be a power of two between 64 KiB and 64 MiB")
         config: dict = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -134,7 +139,7 @@ class Repository:
     def change_passphrase(self, old_passphrase: str, new_passphrase: str) -> None:
         """Rewrap the repository keys; the config is replaced atomically, nothing else is touched."""
         if not self.config.get("encryption"):
-            raise UsageError("this repository is not encrypted: it has no passphrase")
+            raise NotEncrypted("this repository is not encrypted: it has no passphrase")
         config = dict(self.config)
         config["encryption"] = crypto.rewrap_keys(config["encryption"], old_passphrase, new_passphrase, self.id)
         self.backend.put(CONFIG, json.dumps(config, indent=2).encode())
@@ -182,9 +187,9 @@ class Repository:
             return points[-1]
         matches = [p for p in points if p.id.startswith(ref)] if ref else []
         if not matches:
-            raise RestorePointNotFound(f"no restore point {ref!r} (see `surepoint list`)")
+            raise RestorePointNotFound(f"no restore point {ref!r}")
         if len(matches) > 1:
-            raise UsageError(f"restore point prefix {ref!r} is ambiguous: {', '.join(p.id for p in matches)}")
+            raise AmbiguousReference(f"restore point prefix {ref!r} is ambiguous: {', '.join(p.id for p in matches)}")
         return matches[0]
 
     def latest_named(self, name: str) -> RestorePoint | None:
@@ -195,7 +200,7 @@ class Repository:
         disk = next((d for d in restore_point.disks if d.number == disk_number), None)
         if disk is None:
             numbers = ", ".join(str(d.number) for d in restore_point.disks)
-            raise UsageError(f"restore point {restore_point.id} has no disk {disk_number} (disks: {numbers})")
+            raise NoSuchDisk(f"restore point {restore_point.id} has no disk {disk_number} (disks: {numbers})")
         what = f"index of disk {disk_number} of restore point {restore_point.id}"
         try:
             blob = self.backend.get(disk.index)

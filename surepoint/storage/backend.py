@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from surepoint.errors import ObjectNotFound
 
-class ObjectNotFound(KeyError):
-    """The named object does not exist in the backend."""
+__all__ = ["Backend", "ObjectInfo", "ObjectNotFound"]
 
 
 @dataclass(frozen=True)

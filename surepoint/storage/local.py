@@ -8,18 +8,18 @@ import os
 import threading
 from collections.abc import Iterator
 
-from surepoint.errors import StorageFull, SurepointError
+from surepoint.errors import StorageError, StorageFull
 from surepoint.storage.backend import ObjectInfo, ObjectNotFound
 
 TMP_SUFFIX = ".tmp"
 
 
-def _storage_error(exc: OSError, what: str) -> SurepointError:
+def _storage_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"repository storage is full while writing {what}: free space and run the job again")
     if exc.errno == errno.EROFS:
-        return SurepointError(f"repository storage is read-only (writing {what})")
-    return SurepointError(f"repository storage error writing {what}: {exc.strerror}")
+        return StorageError(f"repository storage is read-only (writing {what})")
+    return StorageError(f"repository storage error writing {what}: {exc.strerror}")
 
 
 class LocalBackend:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from surepoint.errors import DamagedData, ObjectMissing
+from surepoint.errors import DamagedData
 from surepoint.mount.reader import ChunkCache, ChunkReadError, DiskReader, Prefetcher
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.fixed_index import FixedIndex
@@ -41,7 +41,7 @@ def _fetcher(store, calls, delay=0.0):
         if delay:
             time.sleep(delay)
         if cid not in store:
-            raise ObjectMissing(f"chunk {cid.hex()[:16]} is missing from the repository")
+            raise DamagedData(f"chunk {cid.hex()[:16]} is missing from the repository")
         return store[cid]
 
     return fetch
