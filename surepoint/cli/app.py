@@ -796,9 +796,11 @@ def events(
 
 
 def _register_command_modules() -> None:
-    from surepoint.cli import instant, lab, mount
+    from surepoint.cli import copy, instant, lab, mount, serve
 
     mount.register(app)
+    copy.register(app)
+    serve.register(app)
     instant.register(app)
     lab.register(app)
 

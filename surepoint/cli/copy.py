@@ -1,0 +1,157 @@
+"""`surepoint copy`: a backup copy job from one repository to another (off-site, other keys, other media).
+
+No `from __future__ import annotations` here: typer evaluates the annotations of the commands.
+"""
+
+import getpass
+import os
+import sys
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+
+from surepoint.errors import UsageError, WrongPassphrase
+
+FROM_PASSPHRASE = "SUREPOINT_FROM_PASSPHRASE"
+FROM_PASSPHRASE_FILE = "SUREPOINT_FROM_PASSPHRASE_FILE"
+
+
+def _source_passphrase(location: str) -> str:
+    """The source repository's passphrase: SUREPOINT_FROM_PASSPHRASE(_FILE), else a prompt on a terminal."""
+    value = os.environ.get(FROM_PASSPHRASE)
+    if value is not None:
+        return value
+    path = os.environ.get(FROM_PASSPHRASE_FILE)
+    if path:
+        try:
+            with open(path) as f:
+                return f.read().rstrip("\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read {FROM_PASSPHRASE_FILE} {path}: {exc.strerror}") from None
+    if sys.stdin.isatty():
+        return getpass.getpass(f"passphrase of the source repository {location}: ")
+    raise UsageError(f"the source repository {location} is encrypted: set {FROM_PASSPHRASE} or {FROM_PASSPHRASE_FILE}")
+
+
+def _open(location: str, passphrase, side: str, where: str):
+    from surepoint.repo.repository import Repository, open_backend
+
+    backend = _backend(location, open_backend)
+    try:
+        return Repository.open(backend, passphrase)
+    except WrongPassphrase:
+        raise WrongPassphrase(f"wrong passphrase for the {side} repository {location} (from {where})") from None
+
+
+def _backend(location: str, open_backend):
+    if location.startswith("ssh://"):
+        from surepoint.storage.ssh import SshBackend
+
+        return SshBackend(location)
+    return open_backend(location)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `copy` to the main app."""
+    from surepoint.cli.app import Context, JsonOption, _human, _parse_since, _print_json, err, out
+
+    @app.command("copy")
+    def copy(
+        ctx: typer.Context,
+        names: Annotated[list[str] | None, typer.Argument(help="Only restore points of these names.")] = None,
+        source: Annotated[str, typer.Option("--from", help="Source repository (path, ssh://...).")] = "",
+        target: Annotated[
+            str | None, typer.Option("--to", help="Target repository (default: --repo / SUREPOINT_REPO).")
+        ] = None,
+        since: Annotated[
+            str | None, typer.Option(help="Only restore points created at or after this date (YYYY-MM-DD[THH:MM]).")
+        ] = None,
+        bandwidth: Annotated[
+            str | None, typer.Option(help="Limit what is written to the target, bytes per second (50M, 1G).")
+        ] = None,
+        workers: Annotated[int, typer.Option(help="Chunks copied at once.", min=1, max=64)] = 4,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Copy the restore points the target repository lacks from the source (--from), chunks it lacks only.
+
+        The source's passphrase comes from SUREPOINT_FROM_PASSPHRASE or SUREPOINT_FROM_PASSPHRASE_FILE,
+        the target's from the usual SUREPOINT_PASSPHRASE / --passphrase-file. A copy that is
+        interrupted leaves no partial restore point; run it again to send the rest.
+        """
+        from surepoint.cli.mount import parse_size
+        from surepoint.jobs.copy import CopyOptions, copy_restore_points
+        from surepoint.progress import byte_progress
+
+        c: Context = ctx.obj
+        if not source:
+            raise UsageError("name the source repository with --from REPO")
+        target = target or c.repo_location
+        if not target:
+            raise UsageError("name the target repository with --to REPO (or --repo / SUREPOINT_REPO)")
+        rate = parse_size(bandwidth) if bandwidth else None
+        if rate == 0:
+            raise UsageError("--bandwidth must be more than 0")
+        options = CopyOptions(
+            names=tuple(names or ()),
+            since=_parse_since(since) if since else None,
+            bandwidth=rate,
+            workers=workers,
+        )
+        source_repo = _open(source, lambda: _source_passphrase(source), "source", f"{FROM_PASSPHRASE}(_FILE)")
+        target_repo = _open(target, c.passphrase, "target", "SUREPOINT_PASSPHRASE or --passphrase-file")
+        with _Bar(err, byte_progress) as bar:
+            result = copy_restore_points(
+                source_repo,
+                target_repo,
+                c.catalog(),
+                options,
+                log=lambda m: err.print(f"  {m}"),
+                progress=bar.advance,
+                on_plan=bar.start,
+            )
+        for repo in (source_repo, target_repo):
+            close = getattr(repo.backend, "close", None)
+            if close:
+                close()
+        if as_json:
+            data = asdict(result)
+            data.update(sent_bytes=result.sent_bytes, sent_chunks=result.sent_chunks)
+            _print_json(data)
+            return
+        out.print(
+            f"copied {len(result.copied)} restore point(s) from {result.source} to {result.target}: "
+            f"{result.sent_chunks} chunks sent ({_human(result.sent_bytes)}); "
+            f"{result.already_present} already on the target"
+        )
+        for p in result.copied:
+            out.print(
+                f"  {p.id} {p.name} ({p.created[:19].replace('T', ' ')}, {p.consistency}): {p.sent_chunks} of "
+                f"{p.chunks} chunks sent, {p.present_chunks} already there, {p.seconds:.1f} s"
+            )
+        for s in result.skipped:
+            out.print(f"  {s.id} {s.name}: not copied, {s.reason}")
+
+
+class _Bar:
+    """A progress bar opened once the plan knows how many bytes the copy covers."""
+
+    def __init__(self, console, factory) -> None:
+        self.console, self.factory = console, factory
+        self._cm = None
+        self._advance = None
+
+    def start(self, total: int) -> None:
+        self._cm = self.factory(self.console, "copy", total)
+        self._advance = self._cm.__enter__()
+
+    def advance(self, n: int) -> None:
+        if self._advance:
+            self._advance(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(*exc)

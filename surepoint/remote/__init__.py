@@ -1,0 +1,1 @@
+"""The server side of ssh:// repositories (`surepoint serve`)."""

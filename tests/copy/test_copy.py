@@ -1,0 +1,177 @@
+"""Backup copy jobs between local repositories: other keys and ciphers, interruption, retention of its own."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.faultlib import MiB, Repo, make_image, make_random_image, sha256_file, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> str:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return sha256_file(path)
+
+
+def copy(target: Repo, source: Repo, *args: str, fault: str | None = None):
+    env = target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase)
+    if fault:
+        env["SUREPOINT_FAULT"] = fault
+    return target.run("copy", "--from", str(source.path), *args, env=env)
+
+
+def copy_ok(target: Repo, source: Repo, *args: str) -> dict:
+    result = copy(target, source, *args, "--json")
+    assert result.returncode == 0, str(result)
+    return result.json()
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Repo:
+    repo = Repo(tmp_path / "src", encryption="aes-256-gcm", passphrase="source secret")
+    repo.init()
+    return repo
+
+
+def test_copy_to_other_keys_and_cipher(tmp_path: Path, source: Repo):
+    image = tmp_path / "disk.img"
+    first = make_image(image, 6 * MiB, seed=1)
+    p1 = source.backup(image, name="web")
+    second = write_at(image, 3 * MiB + 100, b"changed" * 100)
+    p2 = source.backup(image, name="web")
+    target = Repo(tmp_path / "dst", encryption="chacha20-poly1305", passphrase="target secret", catalog=source.catalog)
+    target.init()
+
+    result = copy_ok(target, source)
+    assert [p["id"] for p in result["copied"]] == [p1["id"], p2["id"]]
+    # The second point shares all but one or two chunks with the first: only those are read and sent.
+    assert result["copied"][1]["sent_chunks"] <= 2
+    assert result["copied"][1]["read_chunks"] <= 2
+
+    # Bit-exact on the target, with the target's keys only; the ids are the target's own.
+    target.restore_matches(p1["id"], first)
+    target.restore_matches(p2["id"], second)
+    source_chunks = {Path(n).name for n in source.chunk_names(p1["id"]) if n}
+    target_chunks = {Path(n).name for n in target.chunk_names(p1["id"]) if n}
+    assert source_chunks and not source_chunks & target_chunks, "chunk ids must be re-keyed on the target"
+
+    points = {p["id"]: p for p in target.points()}
+    assert points[p1["id"]]["consistency"] == p1["consistency"]
+    assert points[p2["id"]]["state"] == "unverified"  # the target keeps its own verification records
+    target.verify_clean()
+    assert {p["state"] for p in source.points()} == {"unverified"}
+    events = target.ok("events", p2["id"], "--json").json()
+    assert any(e["component"] == "copy" and e["phase"] == "commit" and e["outcome"] == "ok" for e in events)
+
+    # Nothing left to copy: a second run sends nothing.
+    again = copy_ok(target, source)
+    assert again["copied"] == [] and again["already_present"] == 2 and again["sent_bytes"] == 0
+
+
+def test_copy_from_unencrypted_and_filters(tmp_path: Path):
+    source = Repo(tmp_path / "src", encryption="none")
+    source.init()
+    image = tmp_path / "a.img"
+    sha_a = make_image(image, 2 * MiB, seed=2)
+    pa = source.backup(image, name="a")
+    source.backup(image, name="b")
+    target = Repo(tmp_path / "dst", encryption="aes-256-gcm")
+    target.init()
+
+    assert copy_ok(target, source, "--since", "2999-01-01")["copied"] == []
+    result = copy_ok(target, source, "a", "--bandwidth", "100M")
+    assert [p["id"] for p in result["copied"]] == [pa["id"]]
+    target.restore_matches("a:latest", sha_a)
+    assert [p["name"] for p in target.points()] == ["a"]
+
+
+def test_copy_refuses_what_cannot_work(tmp_path: Path, source: Repo):
+    other = Repo(tmp_path / "dst", encryption="none")
+    other.init(chunk_size=2 * 65536)
+    line = other.fails("copy", "--from", str(source.path), code=2, words=["chunk size"],
+                       env=other.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase))  # fmt: skip
+    assert "131072" in line
+    source.fails("copy", "--from", str(source.path), code=2, words=["same repository"],
+                 env=source.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase))  # fmt: skip
+    target = Repo(tmp_path / "dst2", encryption="aes-256-gcm")
+    target.init()
+    target.fails("copy", "--from", str(source.path), code=1, words=["wrong passphrase", "source", "SUREPOINT_FROM"],
+                 env=target.env(SUREPOINT_FROM_PASSPHRASE="not it"))  # fmt: skip
+    target.fails("copy", "--from", str(source.path), code=1, words=["wrong passphrase", "target"],
+                 env=target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase, SUREPOINT_PASSPHRASE="not it"))  # fmt: skip
+    target.fails("copy", "--from", str(source.path), code=2, words=["SUREPOINT_FROM_PASSPHRASE"])
+    target.fails("copy", "--from", str(source.path), "--bandwidth", "fast", code=2, words=["size"],
+                 env=target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase))  # fmt: skip
+
+
+def test_killed_copy_leaves_no_point_and_resumes(tmp_path: Path, source: Repo):
+    image = tmp_path / "disk.img"
+    sha = make_random_image(image, 3 * MiB, seed=3)  # 48 distinct chunks
+    point = source.backup(image, name="db")
+    target = Repo(tmp_path / "dst", encryption="aes-256-gcm", passphrase="other")
+    target.init()
+
+    killed = copy(target, source, fault="copy-after-chunks:20")
+    assert killed.returncode == -signal.SIGKILL, str(killed)
+    assert target.points() == []  # no half restore point
+    already = [p for p in (target.path / "chunks").rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+    assert 20 <= len(already) < 48
+
+    result = copy_ok(target, source)
+    (stats,) = result["copied"]
+    assert stats["chunks"] == 48
+    assert stats["sent_chunks"] == 48 - len(already)  # only what was still missing
+    assert stats["present_chunks"] == len(already)
+    target.restore_matches(point["id"], sha)
+    target.verify_clean()
+
+
+def test_target_retention_is_its_own(tmp_path: Path, source: Repo):
+    image = tmp_path / "disk.img"
+    shas = [make_image(image, 2 * MiB, seed=4)]
+    for i in range(2):
+        source.backup(image, name="vm")
+        shas.append(write_at(image, i * 65536, bytes([i + 1]) * 4096))
+    source.backup(image, name="vm")
+    target = Repo(tmp_path / "dst", encryption="none")
+    target.init()
+    copy_ok(target, source)
+    ids = source.point_ids()
+    assert target.point_ids() == ids
+
+    target.ok("forget", "--keep-last", "1", "--prune")
+    target.ok("gc", "--grace", "0")
+    assert target.point_ids() == ids[-1:]
+    assert source.point_ids() == ids  # the source keeps its own
+    for point_id, sha in zip(ids, shas, strict=True):
+        source.restore_matches(point_id, sha)
+    target.restore_matches(ids[-1], shas[-1])
+
+    # The points the target forgot are not brought back by the next run.
+    again = copy_ok(target, source)
+    assert again["copied"] == []
+    assert {s["id"] for s in again["skipped"]} == set(ids[:-1])
+    assert target.point_ids() == ids[-1:]
+
+
+def test_copy_holds_off_gc_on_the_source(tmp_path: Path, source: Repo):
+    image = tmp_path / "disk.img"
+    make_random_image(image, 2 * MiB, seed=5)
+    source.backup(image, name="vm")
+    target = Repo(tmp_path / "dst", encryption="none")
+    target.init()
+    env = target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase)
+    proc = target.popen("copy", "--from", str(source.path), "--bandwidth", "256K", "--workers", "1", env=env)
+    try:
+        assert wait_for(lambda: source.locks(), timeout=30)
+        source.fails("gc", code=1, words=["locked"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert source.point_ids() and target.points() == []
