@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.servers.seaweedfs"]  # shared real servers
+pytest_plugins = ["tests.servers.seaweedfs", "tests.remote.sshd"]  # shared real servers
 
 SUREPOINT = shutil.which("surepoint") or os.path.join(os.path.dirname(sys.executable), "surepoint")
 

@@ -213,7 +213,7 @@ class SshBackend:
                     except (EOFError, ProtocolError):
                         raise self._lost("lost the connection to") from None
                     pages.append(data)
-                data = b"".join(pages)
+                data = b"\n".join(pages)
         if reply.get("ok"):
             return reply, data
         code, message = reply.get("error"), str(reply.get("message", "request failed"))

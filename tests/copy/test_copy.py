@@ -103,8 +103,8 @@ def test_copy_refuses_what_cannot_work(tmp_path: Path, source: Repo):
     target.init()
     target.fails("copy", "--from", str(source.path), code=1, words=["wrong passphrase", "source", "SUREPOINT_FROM"],
                  env=target.env(SUREPOINT_FROM_PASSPHRASE="not it"))  # fmt: skip
-    target.fails("copy", "--from", str(source.path), code=1, words=["wrong passphrase", "target"],
-                 env=target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase, SUREPOINT_PASSPHRASE="not it"))  # fmt: skip
+    wrong_target = target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase, SUREPOINT_PASSPHRASE="not it")
+    target.fails("copy", "--from", str(source.path), code=1, words=["wrong passphrase", "target"], env=wrong_target)
     target.fails("copy", "--from", str(source.path), code=2, words=["SUREPOINT_FROM_PASSPHRASE"])
     target.fails("copy", "--from", str(source.path), "--bandwidth", "fast", code=2, words=["size"],
                  env=target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase))  # fmt: skip

@@ -1,8 +1,8 @@
-"""A real OpenSSH server on 127.0.0.1 for ssh:// repository tests.
+"""A real OpenSSH server on 127.0.0.1 for ssh:// repository tests (session fixture `sshd`).
 
-Two client keys: `full` logs in without a forced command (the client names the path and runs
-`surepoint serve PATH`, found through SUREPOINT_REMOTE_PATH), `append_only` is bound to
-`surepoint serve --append-only <append_only_root>` by its authorized_keys line, as in docs/offsite.md.
+The `full` key logs in without a forced command (the client names the path and runs `surepoint
+serve PATH`, found through SUREPOINT_REMOTE_PATH). `append_only_client(path)` makes a new key bound
+to `surepoint serve --append-only PATH` by its authorized_keys line, as in docs/offsite.md.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SUREPOINT
-
+SUREPOINT = shutil.which("surepoint") or os.path.join(os.path.dirname(sys.executable), "surepoint")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -27,16 +27,22 @@ class SshServer:
     port: int
     home: Path
     full_key: Path
-    append_only_key: Path
-    append_only_root: Path
     known_hosts: Path
 
     def url(self, path: os.PathLike | str) -> str:
         return f"ssh://root@127.0.0.1:{self.port}{os.path.abspath(path)}"
 
-    def env(self, key: str = "full") -> dict[str, str]:
+    def append_only_client(self, path: os.PathLike | str) -> dict[str, str]:
+        """A new key whose authorized_keys line serves `path` append-only; its client environment."""
+        key = self.home / f"append_only_{os.urandom(4).hex()}"
+        public = _keygen(key)
+        with open(self.home / "authorized_keys", "a") as f:
+            f.write(f'command="{SUREPOINT} serve --append-only {os.path.abspath(path)}",restrict {public}\n')
+        return self.env(key)
+
+    def env(self, identity: Path | None = None) -> dict[str, str]:
         """Client environment: which key, our known_hosts, no user ssh config."""
-        identity = self.full_key if key == "full" else self.append_only_key
+        identity = identity or self.full_key
         command = (
             f"ssh -F /dev/null -i {identity} -o IdentitiesOnly=yes -o UserKnownHostsFile={self.known_hosts} "
             "-o StrictHostKeyChecking=yes -o LogLevel=ERROR"
@@ -79,12 +85,8 @@ def start_sshd(home: Path):
     home.mkdir(parents=True, exist_ok=True)
     host_pub = _keygen(home / "host_key")
     full_pub = _keygen(home / "full_key")
-    ao_pub = _keygen(home / "append_only_key")
-    ao_root = home / "append-only-repo"
     authorized = home / "authorized_keys"
-    authorized.write_text(
-        f'restrict {full_pub}\ncommand="{SUREPOINT} serve --append-only {ao_root}",restrict {ao_pub}\n'
-    )
+    authorized.write_text(f"restrict {full_pub}\n")
     authorized.chmod(0o600)
     for _attempt in range(5):
         port = _free_port()
@@ -101,7 +103,7 @@ def start_sshd(home: Path):
         if _wait_listening(port, proc):
             known = home / "known_hosts"
             known.write_text(f"[127.0.0.1]:{port} {host_pub}\n")
-            server = SshServer(port, home, home / "full_key", home / "append_only_key", ao_root, known)
+            server = SshServer(port, home, home / "full_key", known)
             return server, proc
         proc.kill()
         proc.wait()
@@ -115,3 +117,11 @@ def stop_sshd(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    """One OpenSSH server for the whole test session."""
+    server, proc = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    stop_sshd(proc)
