@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from surepoint.catalog import Catalog
-from surepoint.errors import DamagedData, ObjectMissing, SurepointError
+from surepoint.errors import DamagedData, InvalidArgument, SurepointError
 from surepoint.repo.chunks import ZERO_ID, chunk_object_name
 from surepoint.repo.envelope import KIND_CHUNK
 from surepoint.repo.fixed_index import FixedIndex
@@ -41,10 +41,8 @@ SOURCE_LOCK_KIND = "gc"
 TARGET_LOCK_KIND = "backup"  # chunks a copy writes or reuses are protected from gc like a backup's
 
 
-class CopyNotPossible(SurepointError):
+class CopyNotPossible(InvalidArgument):
     """The two repositories cannot hold the same restore points (different chunk sizes, same repository)."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -197,7 +195,7 @@ class _Copier:
         try:
             blob = self.source.backend.get(name)
         except ObjectNotFound:
-            raise ObjectMissing(f"chunk {source_id.hex()[:16]} is missing from the source repository") from None
+            raise DamagedData(f"chunk {source_id.hex()[:16]} is missing from the source repository") from None
         data = self.source.envelope.open(KIND_CHUNK, source_id.hex(), blob)
         if self.source.chunks.chunk_id(data) != source_id:
             raise DamagedData(f"chunk {source_id.hex()[:16]} is damaged (content does not match its id)")

@@ -217,7 +217,7 @@ def _fsync_dir(directory: str) -> None:
 
 def _error_reply(exc: BaseException) -> dict:
     if isinstance(exc, ObjectNotFound):
-        return {"ok": False, "error": NOT_FOUND, "message": f"{exc.args[0] if exc.args else ''} not found"}
+        return {"ok": False, "error": NOT_FOUND, "message": str(exc)}
     if isinstance(exc, Refused):
         return {"ok": False, "error": REFUSED, "message": str(exc)}
     if isinstance(exc, StorageFull):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from surepoint.errors import RepositoryNotFound, StorageFull, SurepointError, UsageError
+from surepoint.errors import InvalidArgument, RepositoryNotFound, StorageError, StorageFull, SurepointError
 from surepoint.storage.backend import ObjectInfo, ObjectNotFound
 
 PROTOCOL_VERSION = 1
@@ -41,11 +41,11 @@ BAD_REQUEST = "bad_request"
 FAILED = "failed"
 
 
-class ProtocolError(SurepointError):
+class ProtocolError(StorageError):
     """The other side sent something that is not a well-formed message, or went away."""
 
 
-class RefusedByServer(SurepointError):
+class RefusedByServer(StorageError):
     """The server refused a request (an append-only server refuses overwrites and deletions)."""
 
 
@@ -111,14 +111,14 @@ class SshLocation:
         """ssh://[user@]host[:port]/path; the path is absolute on the server (`//` not needed)."""
         parts = urlsplit(location)
         if parts.scheme != "ssh" or not parts.hostname:
-            raise UsageError(f"{location!r} is not an ssh:// location like ssh://user@host/srv/repo")
+            raise InvalidArgument(f"{location!r} is not an ssh:// location like ssh://user@host/srv/repo")
         try:
             port = parts.port
         except ValueError:
-            raise UsageError(f"{location!r}: the port is not a number") from None
+            raise InvalidArgument(f"{location!r}: the port is not a number") from None
         path = unquote(parts.path)
         if not path or path == "/":
-            raise UsageError(f"{location!r} has no repository path: ssh://user@host/srv/repo")
+            raise InvalidArgument(f"{location!r} has no repository path: ssh://user@host/srv/repo")
         return cls(parts.hostname, path, unquote(parts.username) if parts.username else None, port)
 
     def destination(self) -> str:
