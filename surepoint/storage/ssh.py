@@ -12,6 +12,7 @@ One request is answered before the next is sent; the client serialises its threa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -32,6 +33,7 @@ LENGTH = struct.Struct(">I")
 MAX_HEADER = 1 << 20
 MAX_BODY = 256 << 20
 LIST_PAGE = 5000
+MAX_PENDING = 64  # deferred puts in flight; their small replies must fit the pipes, or both ends block
 
 # Error codes of a reply, and what the client makes of them.
 NOT_FOUND = "not_found"
@@ -156,6 +158,8 @@ class SshBackend:
         self.location = location
         self._command = command or ssh_command(self.remote)
         self._lock = threading.Lock()
+        self._pending: deque[dict] = deque()  # headers of deferred puts whose replies are unread
+        self._deferred_failure: SurepointError | None = None
         self._stderr_tail: deque[str] = deque(maxlen=20)
         try:
             self._proc = subprocess.Popen(
@@ -196,34 +200,54 @@ class SshBackend:
         detail = "; ".join(self._stderr_tail) or f"ssh exited with status {self._proc.returncode}"
         return SurepointError(f"{what} {self.location}: {detail}")
 
-    def _call(self, header: dict, body: bytes = b"", *, replies: int = 1) -> tuple[dict, bytes]:
-        with self._lock:
-            try:
-                assert self._proc.stdin is not None and self._proc.stdout is not None
-                write_message(self._proc.stdin, header, body)
-                reply, data = read_message(self._proc.stdout)
-            except (BrokenPipeError, EOFError, ProtocolError, ValueError):
-                what = "cannot reach the repository server at" if header["op"] == "hello" else "lost the connection to"
-                raise self._lost(what) from None
-            if header["op"] == "list":
+    def _send(self, header: dict, body: bytes) -> None:
+        try:
+            assert self._proc.stdin is not None
+            write_message(self._proc.stdin, header, body)
+        except (BrokenPipeError, OSError, ValueError):
+            raise self._lost("lost the connection to") from None
+
+    def _receive(self, op: str) -> tuple[dict, bytes]:
+        try:
+            assert self._proc.stdout is not None
+            reply, data = read_message(self._proc.stdout)
+            if op == "list":
                 pages = [data]
                 while reply.get("ok") and reply.get("more"):
-                    try:
-                        reply, data = read_message(self._proc.stdout)
-                    except (EOFError, ProtocolError):
-                        raise self._lost("lost the connection to") from None
+                    reply, data = read_message(self._proc.stdout)
                     pages.append(data)
                 data = b"\n".join(pages)
+        except (EOFError, ProtocolError, OSError, ValueError):
+            what = "cannot reach the repository server at" if op == "hello" else "lost the connection to"
+            raise self._lost(what) from None
+        return reply, data
+
+    def _drain(self) -> None:
+        """Read the replies of deferred puts; keep the first failure for `sync` (lock held)."""
+        while self._pending:
+            header = self._pending.popleft()
+            reply, _ = self._receive("put")
+            if not reply.get("ok") and self._deferred_failure is None:
+                self._deferred_failure = self._error(header, reply)
+
+    def _call(self, header: dict, body: bytes = b"") -> tuple[dict, bytes]:
+        with self._lock:
+            self._drain()
+            self._send(header, body)
+            reply, data = self._receive(header["op"])
         if reply.get("ok"):
             return reply, data
+        raise self._error(header, reply)
+
+    def _error(self, header: dict, reply: dict) -> SurepointError:
         code, message = reply.get("error"), str(reply.get("message", "request failed"))
         if code == NOT_FOUND:
-            raise ObjectNotFound(header.get("name", ""))
+            return ObjectNotFound(header.get("name", ""))
         if code == REFUSED:
-            raise RefusedByServer(f"{self.location}: {message}")
+            return RefusedByServer(f"{self.location}: {message}")
         if code == STORAGE_FULL:
-            raise StorageFull(f"{self.location}: {message}")
-        raise SurepointError(f"{self.location}: {message}")
+            return StorageFull(f"{self.location}: {message}")
+        return StorageError(f"{self.location}: {message}")
 
     # Backend interface ---------------------------------------------------------------------
 
@@ -231,7 +255,17 @@ class SshBackend:
         return self._call({"op": "get", "name": name})[1]
 
     def put(self, name: str, data: bytes, *, durable: bool = True) -> None:
-        self._call({"op": "put", "name": name, "durable": durable}, data)
+        header = {"op": "put", "name": name, "durable": durable}
+        if durable:
+            self._call(header, data)
+            return
+        # Deferred: sent now, its reply read later (pipelining hides the round trip); a failure
+        # is raised by sync() at the latest, as the contract allows.
+        with self._lock:
+            if len(self._pending) >= MAX_PENDING:
+                self._drain()
+            self._send(header, data)
+            self._pending.append(header)
 
     def exists(self, name: str) -> bool:
         return bool(self._call({"op": "exists", "name": name})[0]["exists"])
@@ -257,6 +291,10 @@ class SshBackend:
 
     def sync(self) -> None:
         self._call({"op": "sync"})
+        with self._lock:
+            failure, self._deferred_failure = self._deferred_failure, None
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         """End the session: the server sees end of input and exits."""
@@ -264,6 +302,8 @@ class SshBackend:
         if proc.poll() is None:
             try:
                 with self._lock:
+                    with contextlib.suppress(SurepointError):
+                        self._drain()
                     assert proc.stdin is not None
                     proc.stdin.close()
                 proc.wait(timeout=10)

@@ -171,5 +171,13 @@ def test_append_only_backend_announces_itself(sshd, tmp_path: Path, monkeypatch)
         backend.put("restorepoints/x", b"1")
         with pytest.raises(RefusedByServer, match="append-only"):
             backend.delete("restorepoints/x")
+        # A deferred put is refused all the same; the refusal comes out of sync().
+        backend.put("indexes/x.0", b"first", durable=False)
+        backend.sync()
+        backend.put("indexes/x.0", b"second", durable=False)
+        with pytest.raises(RefusedByServer, match="overwritten"):
+            backend.sync()
+        assert backend.get("indexes/x.0") == b"first"
+        backend.sync()  # the failure was reported once
     finally:
         backend.close()
