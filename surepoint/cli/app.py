@@ -796,13 +796,14 @@ def events(
 
 
 def _register_command_modules() -> None:
-    from surepoint.cli import copy, instant, lab, mount, serve
+    from surepoint.cli import copy, instant, lab, mount, serve, server
 
     mount.register(app)
     copy.register(app)
     serve.register(app)
     instant.register(app)
     lab.register(app)
+    server.register(app)
 
 
 _register_command_modules()
