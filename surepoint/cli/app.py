@@ -796,11 +796,12 @@ def events(
 
 
 def _register_command_modules() -> None:
-    from surepoint.cli import copy, instant, lab, mount, serve, server
+    from surepoint.cli import app_restore, copy, instant, lab, mount, serve, server
 
     mount.register(app)
     copy.register(app)
     serve.register(app)
+    app_restore.register(app)
     instant.register(app)
     lab.register(app)
     server.register(app)

@@ -10,6 +10,7 @@ import itertools
 
 from surepoint.consistency.runner import CommandFailed, Session
 from surepoint.consistency.writer import Component, PruneReport, Writer
+from surepoint.repo.repository import utc_now
 
 _markers = itertools.count(1)
 
@@ -63,6 +64,8 @@ class MariaDBWriter(Writer):
     def freeze(self) -> None:
         self._ask("FLUSH TABLES WITH READ LOCK;", timeout=float(self.config.get("lock_wait_timeout", 10)) + 20)
         self._locked = True
+        # Nothing commits until UNLOCK TABLES: the image holds exactly the commits before this moment.
+        self.metadata["snapshot_time"] = utc_now()
         if self.metadata.get("log_bin"):
             rows = self._ask("SHOW MASTER STATUS;")
             if rows:

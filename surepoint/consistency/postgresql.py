@@ -13,6 +13,7 @@ import re
 
 from surepoint.consistency.runner import CommandFailed, Session
 from surepoint.consistency.writer import Component, PruneReport, Writer
+from surepoint.repo.repository import utc_now
 
 _markers = itertools.count(1)
 START_WAL = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
@@ -97,6 +98,8 @@ class PostgresWriter(Writer):
         self._in_backup = True
 
     def post_snapshot(self) -> dict:
+        # After the snapshot: a point-in-time restore picks this point only for times after it.
+        self.metadata["snapshot_time"] = utc_now()
         rows = self._ask(
             "SELECT lsn, encode(convert_to(labelfile, 'UTF8'), 'hex'),"
             " encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM pg_backup_stop(true);",

@@ -1,0 +1,163 @@
+"""`surepoint restore-app` (an application out of a restore point, in its own order, to a point in time) and
+`surepoint logs` (ship transaction logs between image backups, list them).
+
+No `from __future__ import annotations` here: typer evaluates the annotations of the commands.
+"""
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+from surepoint.errors import UsageError
+
+
+def parse_time(text: str) -> datetime:
+    """'2026-12-01 10:15:00' (this host's time zone), with fractions of a second or an offset (+00:00, Z)."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"{text!r} is not a time like '2026-12-01 10:15:00' or '2026-12-01T10:15:00.5+00:00'"
+        ) from None
+    return (value if value.tzinfo else value.astimezone()).astimezone(UTC)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `restore-app` and the `logs` group to the main app."""
+    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
+
+    @app.command("restore-app")
+    def restore_app(
+        ctx: typer.Context,
+        writer: Annotated[str, typer.Argument(help="postgresql, mariadb or sqlite.")],
+        restore_point: Annotated[
+            str, typer.Argument(help="A name (its latest point, or the last before --at), or an id.")
+        ],
+        to: Annotated[
+            str, typer.Option("--to", help="Data directory (SQLite: database file or directory) to restore into.")
+        ],
+        at: Annotated[
+            str | None,
+            typer.Option("--at", help="Point in time: replay shipped logs up to it ('2026-12-01 10:15:00')."),
+        ] = None,
+        port: Annotated[int | None, typer.Option(help="Port the restored server listens on.")] = None,
+        socket: Annotated[
+            str | None,
+            typer.Option(help="Socket directory (PostgreSQL) or socket file (MariaDB) of the restored server."),
+        ] = None,
+        os_user: Annotated[
+            str | None, typer.Option(help="Run the restored server as this user (default: the files' owner).")
+        ] = None,
+        start: Annotated[
+            bool, typer.Option("--start/--no-start", help="Start the restored server and check it.")
+        ] = True,
+        archive: Annotated[
+            bool, typer.Option("--archive/--no-archive", help="PostgreSQL: keep the restored cluster's WAL archiving.")
+        ] = True,
+        overwrite: Annotated[
+            bool, typer.Option(help="Replace data at --to (the old contents are moved aside, never deleted).")
+        ] = False,
+        timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to start and recover.")] = 300,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Restore one application from a restore point: pre-restore, restore, post-restore, each recorded.
+
+        PostgreSQL: the cluster on --to is stopped, the data directory comes back, a stale
+        postmaster.pid goes, the server starts (recovering from its WAL) and must answer. MariaDB:
+        the same with InnoDB crash recovery, and the binary log position of the snapshot recorded.
+        SQLite: the database file without the -wal/-shm of the file it replaces. With --at, the last
+        restore point before that time is taken and the logs shipped with `surepoint logs ship` are
+        replayed up to it.
+        """
+        from surepoint.consistency.restore import TargetInUse
+        from surepoint.jobs.app_restore import AppRestoreOptions, PointInTimeError, restore_application
+
+        c: Context = ctx.obj
+        repo = c.open_repository()
+        options = AppRestoreOptions(
+            writer=writer,
+            ref=restore_point,
+            target=to,
+            at=parse_time(at) if at else None,
+            port=port,
+            socket=socket,
+            os_user=os_user,
+            start=start,
+            archive=archive,
+            overwrite=overwrite,
+            timeout=timeout,
+        )
+        say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
+        try:
+            result = restore_application(repo, c.catalog(), options, say=say)
+        except PointInTimeError as exc:
+            raise UsageError(f"{exc} (see `surepoint logs list {writer} NAME` and `surepoint list`)") from None
+        except TargetInUse as exc:
+            if "allow overwriting" in str(exc):
+                raise TargetInUse(f"{exc} (--overwrite)") from None
+            raise
+        if as_json:
+            _print_json(result.to_json())
+            return
+        out.print(
+            f"restored {writer} from {result.point.id} ({result.point.name}) to {result.target}"
+            + (f" as of {options.at.isoformat()}, {len(result.logs)} log file(s) replayed" if options.at else "")
+            + f" in {result.seconds:.1f} s"
+        )
+
+    logs_app = typer.Typer(help="Transaction logs between image backups: ship them into the repository, list them.")
+    app.add_typer(logs_app, name="logs")
+
+    @logs_app.command("ship")
+    def logs_ship(
+        ctx: typer.Context,
+        job: Annotated[
+            str, typer.Option("--job", help="The job file of the database (its writers say where logs are).")
+        ],
+        as_json: JsonOption = False,
+    ) -> None:
+        """Store closed PostgreSQL WAL and MariaDB binary logs in the repository, then remove them on the server.
+
+        Run it every few minutes between image backups (cron, a timer): `restore-app --at` replays
+        what it shipped.
+        """
+        from surepoint.jobs.config import load_job
+        from surepoint.jobs.log_shipping import ship_logs
+
+        c: Context = ctx.obj
+        repo = c.open_repository()
+        say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
+        reports = ship_logs(repo, c.catalog(), load_job(job), say=say)
+        if as_json:
+            _print_json([r.to_json() for r in reports])
+            return
+        for r in reports:
+            out.print(
+                f"{r.writer}: shipped {len(r.shipped)}, already stored {len(r.already)}, "
+                f"removed on the server {len(r.removed_on_server)}, forgotten {len(r.forgotten)}"
+            )
+
+    @logs_app.command("list")
+    def logs_list(
+        ctx: typer.Context,
+        writer: Annotated[str, typer.Argument(help="postgresql or mariadb.")],
+        name: Annotated[str, typer.Argument(help="The restore-point name the logs extend.")],
+        as_json: JsonOption = False,
+    ) -> None:
+        """List the log files shipped for one name."""
+        from rich.table import Table
+
+        from surepoint.repo.logstore import LogStore
+
+        c: Context = ctx.obj
+        records = LogStore(c.open_repository()).list(name, writer)
+        if as_json:
+            _print_json([{k: v for k, v in r.__dict__.items() if k not in ("chunks", "object")} for r in records])
+            return
+        table = Table(title=f"{writer} logs of {name}")
+        for col in ("file", "size", "shipped (UTC)", "covers until (UTC)"):
+            table.add_column(col)
+        for r in records:
+            table.add_row(r.file, str(r.size), r.shipped[:23].replace("T", " "), r.covers_until[:23].replace("T", " "))
+        out.print(table)

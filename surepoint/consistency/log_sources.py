@@ -1,0 +1,92 @@
+"""Where a writer's closed transaction logs are on the server, and how they are removed there once shipped.
+
+PostgreSQL: the files archive_command put in the writer's `wal_archive` directory (WAL segments,
+timeline history files, backup history files); each is complete when it appears there.
+MariaDB: `FLUSH BINARY LOGS` closes the binary log in use, so every listed log but the new last
+one is complete; `PURGE BINARY LOGS TO` removes them (the server keeps its index consistent).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from surepoint.consistency.mariadb import MariaDBWriter, _quote
+from surepoint.consistency.runner import CommandFailed, CommandRunner
+
+WAL_FILE = re.compile(r"^[0-9A-F]{24}(\.[0-9A-F]{8}\.backup)?$|^[0-9A-F]{8}\.history$")
+
+
+@dataclass
+class ClosedLog:
+    file: str  # the log's own name
+    path: str  # where it is readable on this host
+    covers_until: str  # ISO UTC: every change made before this moment is in this log or an earlier one
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class WalArchive:
+    """Closed WAL in a PostgreSQL writer's archive directory."""
+
+    writer = "postgresql"
+
+    def __init__(self, runner: CommandRunner, config: dict) -> None:
+        self.archive = config.get("wal_archive")
+        if not self.archive:
+            raise CommandFailed("the postgresql writer has no `wal_archive`: there is no archived WAL to ship")
+
+    def closed_logs(self) -> list[ClosedLog]:
+        logs = []
+        for name in sorted(os.listdir(self.archive)):
+            if WAL_FILE.match(name):
+                path = os.path.join(self.archive, name)
+                # archive_command copies a segment only once it is complete: its mtime is after its last record.
+                logs.append(ClosedLog(name, path, _iso(os.stat(path).st_mtime)))
+        return logs
+
+    def remove_shipped(self, shipped: list[ClosedLog]) -> list[str]:
+        for log in shipped:
+            os.unlink(log.path)
+        return [log.file for log in shipped]
+
+
+class BinaryLogs:
+    """Closed binary logs of a MariaDB server on this host."""
+
+    writer = "mariadb"
+
+    def __init__(self, runner: CommandRunner, config: dict) -> None:
+        self.runner = runner
+        self.client = MariaDBWriter(runner, config)
+
+    def _sql(self, sql: str) -> list[list[str]]:
+        result = self.runner.run([*self.client._argv(), "-e", sql], env=self.client._env(), timeout=120).check()
+        return [line.split("\t") for line in result.stdout.splitlines() if line.strip()]
+
+    def closed_logs(self) -> list[ClosedLog]:
+        basename = self._sql("SELECT @@log_bin, @@log_bin_basename")
+        if not basename or basename[0][0] != "1":
+            raise CommandFailed("binary logging is off on this MariaDB server: there are no logs to ship")
+        directory = os.path.dirname(basename[0][1])
+        self._sql("FLUSH BINARY LOGS")
+        flushed = _iso(datetime.now(UTC).timestamp())
+        listed = [row[0] for row in self._sql("SHOW BINARY LOGS")]
+        self.active = listed[-1]
+        return [ClosedLog(name, os.path.join(directory, name), flushed) for name in listed[:-1]]
+
+    def remove_shipped(self, shipped: list[ClosedLog]) -> list[str]:
+        if not shipped:
+            return []
+        before = {row[0] for row in self._sql("SHOW BINARY LOGS")}
+        keep_from = next((n for n in sorted(before) if n > shipped[-1].file), self.active)
+        self._sql(f"PURGE BINARY LOGS TO '{_quote(keep_from)}'")
+        after = {row[0] for row in self._sql("SHOW BINARY LOGS")}
+        return sorted(before - after)
+
+
+LOG_SOURCES = {"postgresql": WalArchive, "mariadb": BinaryLogs}

@@ -1,0 +1,253 @@
+"""Application-aware restore: one application out of a restore point, in the application's own order.
+
+The restore point is mounted read-only (surepoint/mount), the writer's restore rules run
+pre_restore -> restore -> post_restore (surepoint/consistency/restore.py), each phase an event of
+the restore point. With a time, the last image point taken before it is chosen and the logs
+shipped into the repository after it (repo/logstore.py) are replayed up to that time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from surepoint.catalog import Catalog
+from surepoint.consistency.restore import RestoreReport, RestoreRequest, run_restore
+from surepoint.consistency.restore_registry import RESTORE_WRITERS
+from surepoint.consistency.runner import CommandRunner, HostRunner
+from surepoint.errors import RestorePointNotFound, SurepointError, UsageError
+from surepoint.repo.logstore import LogRecord, LogStore
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
+
+
+class PointInTimeError(UsageError):
+    """The requested time cannot be reached from what the repository holds."""
+
+
+@dataclass
+class AppRestoreOptions:
+    writer: str
+    ref: str  # NAME, NAME:latest, or a restore point id (prefix)
+    target: str
+    at: datetime | None = None
+    port: int | None = None
+    socket: str | None = None
+    os_user: str | None = None
+    start: bool = True
+    archive: bool = True
+    overwrite: bool = False
+    timeout: float = 300.0
+
+
+@dataclass
+class AppRestoreResult:
+    point: RestorePoint
+    writer: str
+    target: str
+    at: datetime | None
+    logs: list[str] = field(default_factory=list)
+    report: RestoreReport = field(default_factory=RestoreReport)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "restore_point": self.point.id,
+            "name": self.point.name,
+            "writer": self.writer,
+            "target": self.target,
+            "at": self.at.isoformat() if self.at else None,
+            "logs_replayed": self.logs,
+            "phases": [{"phase": p, "message": m} for p, m in self.report.phases],
+            "details": self.report.details,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def snapshot_time(point: RestorePoint, writer: str) -> datetime:
+    """A moment at or after the point's snapshot: the writer's record of it, else the commit time."""
+    meta = (point.metadata.get("writers") or {}).get(writer) or {}
+    return parse_utc(meta.get("snapshot_time") or point.created)
+
+
+def parse_utc(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def writer_metadata(point: RestorePoint, writer: str) -> dict:
+    meta = (point.metadata.get("writers") or {}).get(writer)
+    if meta is None:
+        raise UsageError(
+            f"restore point {point.id} ({point.name}) holds no {writer} data: its job had no {writer} writer"
+        )
+    return meta
+
+
+def choose_point(repository: Repository, ref: str, writer: str, at: datetime | None) -> RestorePoint:
+    """The point `ref` names; with a time, the last point of that name taken before it."""
+    name = ref.removesuffix(":latest")
+    named = [
+        p for p in repository.list_restore_points() if p.name == name and writer in (p.metadata.get("writers") or {})
+    ]
+    if not named:
+        point = repository.latest_named(name) or repository.resolve(ref)
+        writer_metadata(point, writer)
+        if at is not None and snapshot_time(point, writer) > at:
+            raise PointInTimeError(
+                f"{_fmt(at)} is before restore point {point.id} was taken ({_fmt(snapshot_time(point, writer))})"
+            )
+        return point
+    if at is None:
+        return named[-1]
+    before = [p for p in named if snapshot_time(p, writer) <= at]
+    if not before:
+        first = min(snapshot_time(p, writer) for p in named)
+        raise PointInTimeError(f"{_fmt(at)} is before the first restore point of {name} ({_fmt(first)})")
+    return max(before, key=lambda p: snapshot_time(p, writer))
+
+
+def logs_for(store: LogStore, point: RestorePoint, writer: str, at: datetime) -> list[LogRecord]:
+    """The shipped logs that take `point` forward to `at`, in replay order; clear errors when they cannot."""
+    meta = writer_metadata(point, writer)
+    records = store.list(point.name, writer)
+    if not records:
+        raise PointInTimeError(f"no logs of {point.name} ({writer}) are in the repository: nothing to replay")
+    if writer == "postgresql":
+        first = meta.get("start_wal_file") or ""
+        segments = [r for r in records if not r.file.endswith(".history") and r.file >= first]
+        if not segments or segments[0].file != first:
+            raise PointInTimeError(
+                f"the WAL restore point {point.id} starts from ({first}) is not in the repository: "
+                "logs were not shipped since that point"
+            )
+        needed = [r for r in records if r.file.endswith(".history")] + segments
+    else:
+        first = meta.get("binlog_file") or ""
+        needed = [r for r in records if r.file >= first]
+        if not needed or needed[0].file != first:
+            raise PointInTimeError(
+                f"the binary log restore point {point.id} was taken in ({first}) is not in the repository: "
+                "logs were not shipped since that point"
+            )
+    last = max(parse_utc(r.covers_until) for r in needed)
+    if at > last:
+        raise PointInTimeError(
+            f"{_fmt(at)} is after the last shipped log of {point.name} (it covers until {_fmt(last)})"
+        )
+    return needed
+
+
+def _fmt(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+
+
+@contextlib.contextmanager
+def mounted_point(repository: Repository, point: RestorePoint, say: Callable[[str], None]) -> Iterator[list[str]]:
+    """The point's filesystems, mounted read-only for the block: a live mount is reused, else one is made."""
+    from surepoint.mount.manager import MountOptions, mount_restore_point
+    from surepoint.mount.state import clean_stale, load_states, state_dir, teardown
+
+    clean_stale(log=say)
+    for state in load_states():
+        live = state.restore_point == point.id and state.repository == repository.id and state.status == "mounted"
+        if live and state.alive():
+            yield [m["path"] for m in state.mounts]
+            return
+    base = os.path.dirname(state_dir().rstrip("/"))
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    own_dir = tempfile.mkdtemp(prefix="restore-app-", dir=base)
+    try:
+        state = mount_restore_point(repository, point, own_dir, MountOptions(), say=say)
+    except BaseException:
+        os.rmdir(own_dir)
+        raise
+    try:
+        if not state.mounts:
+            raise SurepointError(f"restore point {point.id} has no filesystem this host can mount")
+        yield [m["path"] for m in state.mounts]
+    finally:
+        try:
+            teardown(state, lazy=False)
+        except SurepointError:
+            teardown(state, lazy=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(own_dir)
+
+
+def restore_application(
+    repository: Repository,
+    catalog: Catalog,
+    options: AppRestoreOptions,
+    *,
+    runner: CommandRunner | None = None,
+    say: Callable[[str], None] = lambda m: None,
+) -> AppRestoreResult:
+    import time
+
+    started = time.monotonic()
+    writer_class = RESTORE_WRITERS.get(options.writer)
+    if writer_class is None:
+        raise UsageError(f"no restore rules for {options.writer!r}; known: {', '.join(sorted(RESTORE_WRITERS))}")
+    if options.at is not None and not writer_class.supports_point_in_time:
+        raise UsageError(f"{options.writer} keeps no log history: a point in time cannot be restored")
+    try:
+        point = choose_point(repository, options.ref, options.writer, options.at)
+    except RestorePointNotFound:
+        raise RestorePointNotFound(f"no restore point or name {options.ref!r} with {options.writer} data") from None
+    meta = writer_metadata(point, options.writer)
+    records: list[LogRecord] = []
+    store = LogStore(repository)
+    if options.at is not None:
+        records = logs_for(store, point, options.writer, options.at)
+
+    def event(component: str, phase: str, outcome: str, message: str = "") -> None:
+        catalog.add_event(repository.id, component, phase, outcome, message, restore_point=point.id, source=point.name)
+        say(f"{component} {phase}: {outcome} {message}".rstrip())
+
+    what = f"restore of {options.writer} from {point.id} to {options.target}"
+    if options.at is not None:
+        what += f" as of {_fmt(options.at)} ({len(records)} log file(s) to replay)"
+    event("restore-app", "start", "ok", what)
+    log_dir = tempfile.mkdtemp(prefix="surepoint-logs-") if records else None
+    try:
+        for record in records:
+            path = os.path.join(log_dir, record.file)
+            with open(path, "wb") as f:
+                f.write(store.read(record))
+            os.chmod(path, 0o600)
+        request = RestoreRequest(
+            point_id=point.id,
+            roots=[],
+            target=os.path.abspath(options.target),
+            metadata=meta,
+            at=options.at,
+            log_dir=log_dir,
+            log_files=[r.file for r in records if not r.file.endswith(".history")],
+            port=options.port,
+            socket=options.socket,
+            os_user=options.os_user,
+            start=options.start,
+            archive=options.archive,
+            overwrite=options.overwrite,
+            timeout=options.timeout,
+        )
+        with mounted_point(repository, point, say) as roots:
+            request.roots = roots
+            report = run_restore(writer_class(runner or HostRunner()), request, event)
+    except BaseException as exc:
+        event("restore-app", "finish", "failed", str(exc) or type(exc).__name__)
+        raise
+    finally:
+        if log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    result = AppRestoreResult(
+        point, options.writer, request.target, options.at, [r.file for r in records], report, time.monotonic() - started
+    )
+    event("restore-app", "finish", "ok", f"{options.writer} restored in {result.seconds:.1f} s")
+    return result

@@ -1,0 +1,100 @@
+"""Ship transaction logs between image backups: closed WAL / binary logs into the repository, then off the server.
+
+A log is removed on the server only after its record is durable in the repository (it is then
+"safely in the repository"). Records older than the first log the oldest image point of the name
+needs are forgotten (repo/logstore.py); garbage collection then frees their chunks. The job holds
+a `backup` lock, so garbage collection keeps the chunks it is writing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from surepoint.catalog import Catalog
+from surepoint.consistency.log_sources import LOG_SOURCES
+from surepoint.consistency.runner import CommandRunner, HostRunner
+from surepoint.errors import SurepointError, UsageError
+from surepoint.jobs.config import JobConfig
+from surepoint.repo.locks import repository_lock
+from surepoint.repo.logstore import LogStore
+from surepoint.repo.repository import Repository
+
+START_LOG = {"postgresql": "start_wal_file", "mariadb": "binlog_file"}
+
+
+@dataclass
+class ShipReport:
+    writer: str
+    shipped: list[str] = field(default_factory=list)  # stored by this run
+    already: list[str] = field(default_factory=list)  # were in the repository already
+    removed_on_server: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)  # records no image point needs any more
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def first_needed_log(repository: Repository, name: str, writer: str) -> str | None:
+    """The log the oldest image point of `name` starts from: every older log is useless."""
+    starts = [
+        ((p.metadata.get("writers") or {}).get(writer) or {}).get(START_LOG[writer])
+        for p in repository.list_restore_points()
+        if p.name == name
+    ]
+    starts = [s for s in starts if s]
+    return min(starts) if starts else None
+
+
+def ship_logs(
+    repository: Repository,
+    catalog: Catalog,
+    job: JobConfig,
+    *,
+    runner: CommandRunner | None = None,
+    say: Callable[[str], None] = lambda m: None,
+) -> list[ShipReport]:
+    runner = runner or HostRunner()
+    configs = [w for w in job.writers if w["type"] in LOG_SOURCES]
+    if not configs:
+        raise UsageError(f"{job.path}: no postgresql or mariadb writer: no logs to ship")
+    if job.vm:
+        raise UsageError(f"{job.path}: log shipping runs on the database host; a VM job's logs are not shipped yet")
+    store = LogStore(repository)
+    reports = []
+
+    def event(component: str, outcome: str, message: str) -> None:
+        catalog.add_event(repository.id, component, "ship-logs", outcome, message, source=job.name)
+        say(f"{component} ship-logs: {outcome} {message}")
+
+    with repository_lock(repository.backend, "backup"):
+        for config in configs:
+            writer = config["type"]
+            report = ShipReport(writer)
+            try:
+                source = LOG_SOURCES[writer](runner, {k: v for k, v in config.items() if k != "type"})
+                closed = source.closed_logs()
+                for log in closed:
+                    if store.has(job.name, writer, log.file):
+                        report.already.append(log.file)
+                        continue
+                    with open(log.path, "rb") as f:
+                        data = f.read()
+                    store.put(job.name, writer, log.file, data, log.covers_until)
+                    report.shipped.append(log.file)
+                report.removed_on_server = source.remove_shipped(closed)
+                keep_from = first_needed_log(repository, job.name, writer)
+                if keep_from:
+                    report.forgotten = store.forget_before(job.name, writer, keep_from)
+            except (SurepointError, OSError) as exc:
+                event(writer, "failed", f"{exc}; shipped {len(report.shipped)} before the failure, nothing removed")
+                raise
+            message = (
+                f"shipped {len(report.shipped)}"
+                + (f" ({report.shipped[0]} .. {report.shipped[-1]})" if report.shipped else "")
+                + f", {len(report.already)} already in the repository; removed on the server: "
+                + f"{len(report.removed_on_server)}; records no longer needed: {len(report.forgotten)}"
+            )
+            event(writer, "ok", message)
+            reports.append(report)
+    return reports
