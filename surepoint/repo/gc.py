@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.errors import DamagedData, UnreadableRestorePoints
+from surepoint.repo import logstore
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
-from surepoint.repo.logstore import referenced_chunks
 from surepoint.repo.repository import INDEX_PREFIX, Repository
 from surepoint.storage.backend import ObjectNotFound
 
@@ -81,7 +81,7 @@ def collect_garbage(
                 "garbage collection stopped, nothing was deleted: unreadable manifests "
                 + ", ".join(repository.damaged_manifests)
             )
-        referenced.update(referenced_chunks(repository))  # shipped transaction logs (repo/logstore.py)
+        referenced.update(logstore.referenced_chunks(repository))  # shipped transaction logs (repo/logstore.py)
         referenced.discard(ZERO_ID)
         result.referenced_chunks = len(referenced)
 
