@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from surepoint.errors import RepositoryNotFound, SurepointError, UsageError
+from surepoint.errors import InvalidArgument, RepositoryExists, RepositoryNotFound, StorageError
 from surepoint.storage.backend import ObjectInfo, ObjectNotFound
 from surepoint.storage.cache import MetadataCache, cacheable
 from surepoint.storage.retry import GaveUp, RetryPolicy, call_with_retry
@@ -67,7 +67,7 @@ CREDENTIAL_CODES = {
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
 
 
-class S3Error(SurepointError):
+class S3Error(StorageError):
     """The S3 service refused or failed a request (the message names the endpoint and bucket)."""
 
 
@@ -87,13 +87,13 @@ class S3Location:
     @classmethod
     def parse(cls, location: str) -> S3Location:
         if not location.startswith(SCHEME):
-            raise UsageError(f"not an S3 location: {location!r} (expected s3://bucket/prefix)")
+            raise InvalidArgument(f"not an S3 location: {location!r} (expected s3://bucket/prefix)")
         bucket, _, prefix = location[len(SCHEME) :].partition("/")
         prefix = prefix.strip("/")
         if not bucket or not 3 <= len(bucket) <= 63:
-            raise UsageError(f"S3 location {location!r}: the bucket name must have 3 to 63 characters")
+            raise InvalidArgument(f"S3 location {location!r}: the bucket name must have 3 to 63 characters")
         if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-            raise UsageError(f"S3 location {location!r}: the prefix has an empty, '.' or '..' component")
+            raise InvalidArgument(f"S3 location {location!r}: the prefix has an empty, '.' or '..' component")
         return cls(bucket, prefix)
 
     def __str__(self) -> str:
@@ -126,7 +126,7 @@ class S3Settings:
             connections = int(env.get("SUREPOINT_S3_CONNECTIONS", DEFAULT_CONNECTIONS))
             deadline = float(env.get("SUREPOINT_S3_RETRY_SECONDS", RetryPolicy.deadline))
         except ValueError:
-            raise UsageError("SUREPOINT_S3_CONNECTIONS and SUREPOINT_S3_RETRY_SECONDS must be numbers") from None
+            raise InvalidArgument("SUREPOINT_S3_CONNECTIONS and SUREPOINT_S3_RETRY_SECONDS must be numbers") from None
         return cls(endpoint or None, region or "", max(1, connections), RetryPolicy(deadline=max(0.0, deadline)))
 
 
@@ -209,8 +209,12 @@ class _Uploads:
             self._in_flight -= size
             if self._pending.get(name) is future:
                 del self._pending[name]
-            if future.exception() is not None and self._error is None:
-                self._error = future.exception()
+            failure = None if future.cancelled() else future.exception()
+            if failure is not None and self._error is None:
+                self._error = failure
+                # The job fails at its next put or sync: uploads not yet started need not wait their turn.
+                for other in list(self._pending.values()):
+                    other.cancel()
             self._cond.notify_all()
 
     def _raise_failure(self) -> None:
@@ -267,7 +271,7 @@ class S3Backend:
             lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._dir_prefix(), MaxKeys=2),
         )
         if create and listing.get("KeyCount", 0):
-            raise UsageError(f"{self.location} is not empty: choose a new bucket or prefix")
+            raise RepositoryExists(f"{self.location} is not empty: choose a new bucket or prefix")
         from surepoint.storage.s3_lock import ObjectLock
 
         self.object_lock = ObjectLock.detect(self)
@@ -297,7 +301,7 @@ class S3Backend:
                     f"({_error_code(last) or _http_status(last)}) for {gave_up.seconds:.0f}s"
                 ) from None
             raise S3Unreachable(
-                f"S3 endpoint {self._endpoint_name()} is unreachable ({_short(last)}); "
+                f"S3 endpoint {self._endpoint_name()} is unreachable ({_connection_problem(last)}); "
                 f"gave up after {gave_up.attempts} attempts in {gave_up.seconds:.0f}s"
             ) from None
         except bex.NoCredentialsError:
@@ -522,6 +526,20 @@ class S3Backend:
 
     def close(self) -> None:
         self._uploads.close()
+
+
+def _connection_problem(exc: BaseException) -> str:
+    from botocore import exceptions as bex
+
+    for kind, text in (
+        (bex.EndpointConnectionError, "connection refused"),
+        (bex.ConnectionClosedError, "connection closed"),
+        (bex.ConnectTimeoutError, "connect timed out"),
+        (bex.ReadTimeoutError, "read timed out"),
+    ):
+        if isinstance(exc, kind):
+            return text
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:

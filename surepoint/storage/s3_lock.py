@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from surepoint.errors import SurepointError
+from surepoint.errors import InvalidArgument, StorageError
 from surepoint.storage.backend import ObjectInfo, ObjectNotFound
 
 if TYPE_CHECKING:
@@ -46,13 +46,11 @@ PROTECTED_NAMES = ("config", MARKER)
 PROTECTED_PREFIXES = ("chunks/", "indexes/", "restorepoints/")
 
 
-class ObjectLockUnavailable(SurepointError):
+class ObjectLockUnavailable(InvalidArgument):
     """Immutability was asked of storage that cannot give it (no Object Lock on the bucket)."""
 
-    exit_code = 2
 
-
-class ObjectLocked(SurepointError):
+class ObjectLocked(StorageError):
     """An object is under retention: it can be deleted after `until` (a UNIX time), not before."""
 
     def __init__(self, name: str, until: float) -> None:
@@ -81,6 +79,8 @@ def slack_days(days: int) -> int:
 
 class ObjectLock:
     """The immutability side of one S3Backend."""
+
+    protects = staticmethod(protects)
 
     def __init__(self, backend: S3Backend, days: int) -> None:
         self.backend = backend
@@ -120,7 +120,7 @@ class ObjectLock:
         try:
             days = int(json.loads(backend._get_current(MARKER, marker.id))["days"])
         except (ValueError, KeyError, TypeError):
-            raise SurepointError(f"{backend.location}: the Object Lock record {MARKER} is unreadable") from None
+            raise StorageError(f"{backend.location}: the Object Lock record {MARKER} is unreadable") from None
         probe.days = days
         return probe
 
@@ -151,7 +151,7 @@ class ObjectLock:
 
     def check_put(self, name: str) -> None:
         if name in PROTECTED_NAMES and self.original(name) is not None:
-            raise SurepointError(
+            raise StorageError(
                 f"{name} of an immutable repository is locked: it cannot change (the keys and "
                 "passphrase of an immutable repository are fixed)"
             )
