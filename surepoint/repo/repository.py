@@ -46,6 +46,10 @@ def utc_now() -> str:
 
 def open_backend(location: str, *, create: bool = False) -> Backend:
     """The backend for a repository location (a local path for now)."""
+    if location.startswith("s3://"):
+        from surepoint.storage.s3 import S3Backend
+
+        return S3Backend.open(location, create=create)
     if "://" in location and not location.startswith("file://"):
         raise UnsupportedLocation(f"repository location {location!r}: only local paths are supported so far")
     path = location.removeprefix("file://")
@@ -111,9 +115,9 @@ class Repository:
         if encryption != "none":
             keys, config["encryption"] = crypto.new_key_record(encryption, passphrase or "", config["id"])
         # Every directory exists from the start, so writing an object never has to make one durable.
-        for prefix in ("indexes", "restorepoints", "locks", "trash"):
+        for prefix in ("indexes", "restorepoints", "locks", "trash") if isinstance(backend, LocalBackend) else ():
             os.makedirs(os.path.join(backend.location, prefix), exist_ok=True)
-        for byte in range(256):
+        for byte in range(256 if isinstance(backend, LocalBackend) else 0):
             os.makedirs(os.path.join(backend.location, "chunks", f"{byte:02x}"), exist_ok=True)
         os.sync()
         backend.put(CONFIG, json.dumps(config, indent=2).encode())
