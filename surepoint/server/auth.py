@@ -12,7 +12,6 @@ have 256 bits of entropy, so a slow hash adds nothing).
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -197,12 +196,3 @@ def audit(
         "INSERT INTO audit (time, username, action, target, details, remote, outcome) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (now_iso(), user, action, target, details, remote, outcome),
     )
-
-
-def random_secret_file(path: str) -> str:
-    """Write a random password into a new private file (for first-start helpers); the password."""
-    password = secrets.token_urlsafe(18)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(password + "\n")
-    return password

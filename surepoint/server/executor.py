@@ -178,7 +178,8 @@ class Executor:
             "INSERT INTO session_log (session_id, time, line) VALUES (?, ?, ?)", (session_id, now_iso(), line)
         )
 
-    def _env(self, repository: str) -> dict[str, str]:
+    def env_for(self, repository: str) -> dict[str, str]:
+        """The environment of a child `surepoint` working on `repository` (its passphrase by file only)."""
         repo = self.config.repository(repository)
         env = {k: v for k, v in os.environ.items() if k not in _PASSED_ENV}
         env["SUREPOINT_REPO"] = repo.location
@@ -234,7 +235,7 @@ class Executor:
         if row is None:
             raise SurepointError(f"session {session_id} is gone")
         steps = parse_spec(row["kind"], json.loads(row["spec"])).steps()
-        env = self._env(row["repository"])
+        env = self.env_for(row["repository"])
         os.makedirs(os.path.dirname(env["SUREPOINT_CATALOG"]), mode=0o700, exist_ok=True)
         results: list = []
         warned = False

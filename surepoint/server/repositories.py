@@ -35,6 +35,10 @@ class Repositories:
         self._cache: dict[str, tuple[float, list[dict], dict]] = {}
         self._lock = threading.Lock()
 
+    def invalidate(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def open(self, name: str) -> Repository:
         repo = self.config.repository(name)
 

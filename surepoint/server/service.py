@@ -28,12 +28,12 @@ class Service:
         self.notifier = Notifier(self.db, config, self.repositories, log=say)
         self.executor = Executor(self.db, config, on_finished=self._session_finished)
         self.scheduler = Scheduler(self.db, config, self.executor, on_session_end=self.notifier.session_ended)
-        self.browser = Browser(config, self.executor._env)
+        self.browser = Browser(config, self.executor.env_for)
         self._started = False
         self._lock = threading.Lock()
 
     def _session_finished(self, session_id: int) -> None:
-        self.repositories._cache.clear()  # new restore points or states
+        self.repositories.invalidate()  # new restore points or states
         self.scheduler.session_finished(session_id)
 
     def start(self) -> None:
