@@ -1,10 +1,11 @@
 """MariaDB restore rules: stop the server on the target, put the data directory back, start (InnoDB crash
-recovery), check; point in time: replay binary logs from the repository from the position recorded
-at the freeze up to the target time (mariadb-binlog --stop-datetime).
+recovery, with the binary logs that settle prepared transactions), check; point in time: replay
+binary logs from the repository from the position recorded at the freeze up to the target time
+(mariadb-binlog --stop-datetime).
 
-The server is started with --no-defaults and what the restore was given (socket, port, user), or
-with a defaults file; binary logging is off while the logs are replayed, so the replay is not
-logged a second time.
+The server is started with --no-defaults and what the restore was given (socket, port, user) and
+binary logging as at the backup; the replayed logs are not logged a second time
+(--disable-log-bin).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class MariaDBRestore(RestoreWriter):
             "--innodb-buffer-pool-size=64M",
         ]  # fmt: skip
         argv += [f"--port={request.port}", "--bind-address=127.0.0.1"] if request.port else ["--skip-networking"]
+        argv += self._binlog_options(request.metadata, target)
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -124,6 +126,21 @@ class MariaDBRestore(RestoreWriter):
         ).check()
         notes.append(f"{schemas.stdout.strip()} schemas answer")
         return "; ".join(notes)
+
+    def _binlog_options(self, metadata: dict, target: str) -> list[str]:
+        """Binary logging as at the backup, so InnoDB crash recovery can settle prepared transactions.
+
+        A transaction prepared in InnoDB but not yet committed at the snapshot is committed if it
+        reached the binary log and rolled back if not; without the binary log the server refuses to
+        start. Logs outside the data directory are not in the restore: such transactions are rolled
+        back (they had not committed when the read lock was taken).
+        """
+        basename, datadir = metadata.get("binlog_basename") or "", (metadata.get("datadir") or "").rstrip("/")
+        if not metadata.get("log_bin"):
+            return []
+        if datadir and basename.startswith(datadir + "/"):
+            return [f"--log-bin={os.path.join(target, basename[len(datadir) + 1 :])}", "--server-id=1"]
+        return ["--tc-heuristic-recover=ROLLBACK"]
 
     def _replay(self, request: RestoreRequest) -> str:
         position = request.metadata.get("binlog_position")

@@ -196,6 +196,8 @@ def restore_application(
         raise UsageError(f"no restore rules for {options.writer!r}; known: {', '.join(sorted(RESTORE_WRITERS))}")
     if options.at is not None and not writer_class.supports_point_in_time:
         raise UsageError(f"{options.writer} keeps no log history: a point in time cannot be restored")
+    if options.at is not None and options.writer == "mariadb" and options.at.microsecond:
+        raise UsageError("MariaDB's binary log records whole seconds: give the time to the second")
     try:
         point = choose_point(repository, options.ref, options.writer, options.at)
     except RestorePointNotFound:
