@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from surepoint.cli.common import Context, JsonOption, err, out, print_json
 from surepoint.errors import UsageError
 
 
@@ -25,7 +26,6 @@ def parse_time(text: str) -> datetime:
 
 def register(app: typer.Typer) -> None:
     """Add `restore-app` and the `logs` group to the main app."""
-    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
 
     @app.command("restore-app")
     def restore_app(
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
                 raise TargetInUse(f"{exc} (--overwrite)") from None
             raise
         if as_json:
-            _print_json(result.to_json())
+            print_json(result.to_json())
             return
         out.print(
             f"restored {writer} from {result.point.id} ({result.point.name}) to {result.target}"
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
         reports = ship_logs(repo, c.catalog(), load_job(job), say=say)
         if as_json:
-            _print_json([r.to_json() for r in reports])
+            print_json([r.to_json() for r in reports])
             return
         for r in reports:
             out.print(
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
         c: Context = ctx.obj
         records = LogStore(c.open_repository()).list(name, writer)
         if as_json:
-            _print_json([{k: v for k, v in r.__dict__.items() if k not in ("chunks", "object")} for r in records])
+            print_json([{k: v for k, v in r.__dict__.items() if k not in ("chunks", "object")} for r in records])
             return
         table = Table(title=f"{writer} logs of {name}")
         for col in ("file", "size", "shipped (UTC)", "covers until (UTC)"):

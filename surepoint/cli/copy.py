@@ -3,14 +3,23 @@
 No `from __future__ import annotations` here: typer evaluates the annotations of the commands.
 """
 
-import getpass
 import os
-import sys
 from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
+from surepoint.cli.common import (
+    Context,
+    JsonOption,
+    err,
+    human,
+    out,
+    parse_since,
+    parse_size,
+    print_json,
+    read_passphrase,
+)
 from surepoint.errors import UsageError, WrongPassphrase
 
 FROM_PASSPHRASE = "SUREPOINT_FROM_PASSPHRASE"
@@ -19,19 +28,14 @@ FROM_PASSPHRASE_FILE = "SUREPOINT_FROM_PASSPHRASE_FILE"
 
 def _source_passphrase(location: str) -> str:
     """The source repository's passphrase: SUREPOINT_FROM_PASSPHRASE(_FILE), else a prompt on a terminal."""
-    value = os.environ.get(FROM_PASSPHRASE)
-    if value is not None:
-        return value
-    path = os.environ.get(FROM_PASSPHRASE_FILE)
-    if path:
-        try:
-            with open(path) as f:
-                return f.read().rstrip("\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read {FROM_PASSPHRASE_FILE} {path}: {exc.strerror}") from None
-    if sys.stdin.isatty():
-        return getpass.getpass(f"passphrase of the source repository {location}: ")
-    raise UsageError(f"the source repository {location} is encrypted: set {FROM_PASSPHRASE} or {FROM_PASSPHRASE_FILE}")
+    return read_passphrase(
+        env_var=FROM_PASSPHRASE,
+        file=os.environ.get(FROM_PASSPHRASE_FILE),
+        prompt=f"passphrase of the source repository {location}",
+        repeat_prompt="",
+        confirm=False,
+        missing=f"the source repository {location} is encrypted: set {FROM_PASSPHRASE} or {FROM_PASSPHRASE_FILE}",
+    )
 
 
 def _open(location: str, passphrase, side: str, where: str):
@@ -54,7 +58,6 @@ def _backend(location: str, open_backend):
 
 def register(app: typer.Typer) -> None:
     """Add `copy` to the main app."""
-    from surepoint.cli.app import Context, JsonOption, _human, _parse_since, _print_json, err, out
 
     @app.command("copy")
     def copy(
@@ -79,7 +82,6 @@ def register(app: typer.Typer) -> None:
         the target's from the usual SUREPOINT_PASSPHRASE / --passphrase-file. A copy that is
         interrupted leaves no partial restore point; run it again to send the rest.
         """
-        from surepoint.cli.mount import parse_size
         from surepoint.jobs.copy import CopyOptions, copy_restore_points
         from surepoint.progress import byte_progress
 
@@ -94,7 +96,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--bandwidth must be more than 0")
         options = CopyOptions(
             names=tuple(names or ()),
-            since=_parse_since(since) if since else None,
+            since=parse_since(since) if since else None,
             bandwidth=rate,
             workers=workers,
         )
@@ -117,11 +119,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             data = asdict(result)
             data.update(sent_bytes=result.sent_bytes, sent_chunks=result.sent_chunks)
-            _print_json(data)
+            print_json(data)
             return
         out.print(
             f"copied {len(result.copied)} restore point(s) from {result.source} to {result.target}: "
-            f"{result.sent_chunks} chunks sent ({_human(result.sent_bytes)}); "
+            f"{result.sent_chunks} chunks sent ({human(result.sent_bytes)}); "
             f"{result.already_present} already on the target"
         )
         for p in result.copied:

@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
+from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json
 from surepoint.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
-    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
 
     @app.command("instant-recover")
     def instant_recover(
@@ -51,7 +51,6 @@ def register(app: typer.Typer) -> None:
         either `--migrate-to DIR --workdir W` (live copy to production storage, switch-over, unmount)
         or `--discard --workdir W` (stop the VM, throw its writes away).
         """
-        from surepoint.cli.mount import parse_size
         from surepoint.jobs.instant_recovery import (
             default_workdir,
             discard_instant,
@@ -81,7 +80,7 @@ def register(app: typer.Typer) -> None:
                         restore_point=session.restore_point,
                     )
                 if as_json:
-                    _print_json({"discarded": session.workdir, "restore_point": session.restore_point})
+                    print_json({"discarded": session.workdir, "restore_point": session.restore_point})
                 else:
                     out.print(f"discarded the instant VM of {session.restore_point} in {session.workdir}")
                 return
@@ -96,7 +95,7 @@ def register(app: typer.Typer) -> None:
                     restore_point=session.restore_point,
                 )
             if as_json:
-                _print_json(session.to_json())
+                print_json(session.to_json())
             else:
                 out.print(
                     f"VM {session.name} (pid {session.pid}) now runs from {session.migrated_to}: "
@@ -125,7 +124,7 @@ def register(app: typer.Typer) -> None:
                 restore_point=point.id,
             )
         if as_json:
-            _print_json(session.to_json())
+            print_json(session.to_json())
             return
         out.print(
             f"VM {session.name} (pid {session.pid}) runs from restore point {point.id}; guest agent answered "

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from surepoint.cli.common import EXIT_DAMAGE, Context, JsonOption, err, out, parse_size, print_json
 from surepoint.errors import UsageError
 
 EXIT_RECOVERY_FAILED = 4
@@ -37,8 +38,6 @@ def _targets(repo, refs: list[str]) -> list:
 
 def register(app: typer.Typer) -> None:
     """Add the `lab` command group to the main app."""
-    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
-
     lab_app = typer.Typer(help="Recovery verification: boot restore points in an isolated lab and test them.")
     app.add_typer(lab_app, name="lab")
 
@@ -76,8 +75,7 @@ def register(app: typer.Typer) -> None:
         then the restore points given. Nothing is written to the repository and nothing in the lab
         can reach production. Exit 0 when every VM passed, 4 when a test failed, 3 on damaged chunks.
         """
-        from surepoint.cli.app import EXIT_DAMAGE, _prune_after_verify
-        from surepoint.cli.mount import parse_size
+        from surepoint.jobs.after_verify import prune_after_verify
         from surepoint.lab.config import load_lab_config, parse_lab_config
         from surepoint.lab.runner import Lab
         from surepoint.mount.manager import MountOptions
@@ -107,9 +105,9 @@ def register(app: typer.Typer) -> None:
         finally:
             signal.signal(signal.SIGTERM, previous)
         json_path, text_path = report.write(report_dir)
-        _prune_after_verify(c, repo, lab.booted, say=say, inventory=inventory)
+        prune_after_verify(repo, catalog, lab.booted, inventory=inventory, log=say)
         if as_json:
-            _print_json(dict(report.to_dict(), report_files=[json_path, text_path]))
+            print_json(dict(report.to_dict(), report_files=[json_path, text_path]))
         else:
             out.print(report.summary(), end="")
             out.print(f"report: {text_path} and {json_path}")
@@ -128,7 +126,7 @@ def register(app: typer.Typer) -> None:
         said: list[str] = []
         cleaned = clean_leftovers(said.append if as_json else lambda m: (said.append(m), err.print(f"  {m}")))
         if as_json:
-            _print_json({"cleaned": cleaned, "log": said})
+            print_json({"cleaned": cleaned, "log": said})
         else:
             out.print(f"cleaned {len(cleaned)} lab(s)" + (f": {', '.join(cleaned)}" if cleaned else ""))
 
@@ -150,7 +148,7 @@ def register(app: typer.Typer) -> None:
             for s in labs
         ]
         if as_json:
-            _print_json({"labs": rows})
+            print_json({"labs": rows})
             return
         if not rows:
             out.print("no lab running")

@@ -6,23 +6,13 @@ which use names imported inside register().
 
 import contextlib
 import os
-import re
 import tempfile
 from typing import Annotated
 
 import typer
 
+from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json
 from surepoint.errors import SurepointError, UsageError
-
-SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '256M', '1G', '4096', '512KiB'."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if not match:
-        raise UsageError(f"{text!r} is not a size like 256M or 1G")
-    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
 
 
 def _mount_table(state) -> list[list[str]]:
@@ -35,8 +25,6 @@ def _mount_table(state) -> list[list[str]]:
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
     from rich.table import Table
-
-    from surepoint.cli.app import Context, JsonOption, _print_json, err, out
 
     @app.command()
     def mount(
@@ -82,7 +70,7 @@ def register(app: typer.Typer) -> None:
         with contextlib.suppress(Exception):
             c.catalog().add_event(repo.id, "mount", "mount", "ok", f"mounted at {state.dir}", restore_point=point.id)
         if as_json:
-            _print_json(state.to_json())
+            print_json(state.to_json())
             return
         table = Table(title=f"restore point {point.id} ({point.name}) mounted at {state.dir}")
         for col in ("what", "type", "source", "path"):
@@ -125,7 +113,7 @@ def register(app: typer.Typer) -> None:
 
         states = load_states()
         if as_json:
-            _print_json([s.to_json() for s in states])
+            print_json([s.to_json() for s in states])
             return
         table = Table(title="mounted restore points")
         for col in ("directory", "restore point", "name", "pid", "state", "filesystems"):
@@ -234,7 +222,7 @@ def register(app: typer.Typer) -> None:
             )
         where = f"VM {into_vm}:{to}" if into_vm else to
         if as_json:
-            _print_json({"restore_point": point.id, "volume": volume, "target": where, **report.to_json()})
+            print_json({"restore_point": point.id, "volume": volume, "target": where, **report.to_json()})
         else:
             out.print(
                 f"restored {report.files} files, {report.dirs} directories, {report.symlinks} symlinks "

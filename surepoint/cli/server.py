@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from surepoint.cli.common import JsonOption, err, out, print_json
 from surepoint.errors import SurepointError, UsageError
 
 ServerOption = Annotated[
@@ -64,8 +65,6 @@ def register(app: typer.Typer) -> None:
     """Add `server`, `jobs` and `sessions` to the main app."""
     from rich.table import Table
 
-    from surepoint.cli.app import JsonOption, _print_json, err, out
-
     @app.command("server")
     def server(
         config: Annotated[str, typer.Option("--config", "-c", help="Server configuration file (TOML).")],
@@ -113,7 +112,7 @@ def register(app: typer.Typer) -> None:
         """List the server's jobs with their schedules and next runs."""
         jobs = Client(server_url).call("GET", "/jobs")
         if as_json:
-            _print_json(jobs)
+            print_json(jobs)
             return
         table = Table(title=f"jobs on {server_url}")
         for col in ("name", "kind", "repository", "schedule", "next run (UTC)", "enabled"):
@@ -130,7 +129,7 @@ def register(app: typer.Typer) -> None:
     @jobs_app.command("show")
     def jobs_show(job: Annotated[str, typer.Argument(help="Job name or id.")], server_url: ServerOption = None) -> None:
         """Show one job in full (JSON)."""
-        _print_json(Client(server_url).call("GET", f"/jobs/{_quote(job)}"))
+        print_json(Client(server_url).call("GET", f"/jobs/{_quote(job)}"))
 
     @jobs_app.command("run")
     def jobs_run(
@@ -144,13 +143,13 @@ def register(app: typer.Typer) -> None:
         started = client.call("POST", f"/jobs/{_quote(job)}/run")
         if not wait:
             if as_json:
-                _print_json(started)
+                print_json(started)
             else:
                 out.print(f"job {started['job']}: session {started['session']} queued")
             return
         session = _follow(client, started["session"], quiet=as_json)
         if as_json:
-            _print_json(session)
+            print_json(session)
         if session["state"] not in ("success", "warning"):
             raise typer.Exit(1)
 
@@ -168,7 +167,7 @@ def register(app: typer.Typer) -> None:
         params = {"limit": limit, **({"job": job} if job else {})}
         rows = Client(server_url).call("GET", "/sessions", params=params)
         if as_json:
-            _print_json(rows)
+            print_json(rows)
             return
         table = Table(title=f"sessions on {server_url}")
         for col in ("id", "job", "state", "started (UTC)", "ended", "read", "stored", "message"):
@@ -194,7 +193,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show a session (JSON), and with --log its log lines."""
         client = Client(server_url)
-        _print_json(client.call("GET", f"/sessions/{session_id}"))
+        print_json(client.call("GET", f"/sessions/{session_id}"))
         if log:
             for line in client.call("GET", f"/sessions/{session_id}/log", params={"limit": 10000})["lines"]:
                 out.print(f"{line['time'][:19]} {line['line']}")

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from surepoint.catalog import Catalog
 from surepoint.consistency.logs import handle_logs
 from surepoint.consistency.quiesce import QuiesceOutcome, Quiescer
 from surepoint.consistency.registry import build_writers
 from surepoint.consistency.runner import CommandRunner, HostRunner
+from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.host_snapshot import remove_snapshots, snapshot_files
 from surepoint.jobs.config import JobConfig
+from surepoint.jobs.vm_backup import VmJobOptions, backup_vm
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.sources import FileDiskSource
+from surepoint.vm.inventory import find_vm
 
 
 @dataclass
@@ -32,18 +35,19 @@ def run_host_job(
     *,
     runner: CommandRunner | None = None,
     progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+    events: EventRecorder | None = None,
     log: Callable[[str], None] | None = None,
 ) -> JobResult:
     runner = runner or HostRunner()
     rp_id = repository.new_restore_point_id()
     say = log or (lambda _m: None)
+    event = replace(
+        (events or EventRecorder(catalog, repository.id)).bound(restore_point=rp_id, source=job.name), echo=say
+    )
 
-    def event(component: str, phase: str, outcome: str, message: str = "") -> None:
-        catalog.add_event(repository.id, component, phase, outcome, message, restore_point=rp_id, source=job.name)
-        if outcome not in ("ok",):
-            say(f"{component} {phase}: {outcome} {message}".rstrip())
-
-    event("job", "start", "ok", f"backup of {job.name}: {len(job.sources)} source(s), logs={job.logs}")
+    event(
+        Component.JOB, Phase.START, Outcome.OK, f"backup of {job.name}: {len(job.sources)} source(s), logs={job.logs}"
+    )
     configs = job.writers
     writers = build_writers(configs, runner)
     quiescer = Quiescer(writers, fallback=job.fallback, freeze_timeout=job.freeze_timeout, events=event)
@@ -57,7 +61,12 @@ def run_host_job(
             if writers:
                 say("snapshot = none: the image is read after thaw, so it is crash-consistent at best")
                 outcome.level = "crash"
-        event("job", "snapshot", "ok", f"consistency {outcome.level}, frozen {outcome.freeze_seconds:.3f} s")
+        event(
+            Component.JOB,
+            Phase.SNAPSHOT,
+            Outcome.OK,
+            f"consistency {outcome.level}, frozen {outcome.freeze_seconds:.3f} s",
+        )
         paths = clones or job.sources
         sources = [
             FileDiskSource(path, name=os.path.basename(orig)) for path, orig in zip(paths, job.sources, strict=True)
@@ -86,10 +95,12 @@ def run_host_job(
     except BaseException as exc:
         remove_snapshots(clones)
         quiescer.abort()
-        event("job", "finish", "failed", str(exc) or type(exc).__name__)
+        event(Component.JOB, Phase.FINISH, Outcome.FAILED, str(exc) or type(exc).__name__)
         raise
     remove_snapshots(clones)
-    event("job", "commit", "ok", f"restore point {point.id} committed ({point.consistency}-consistent)")
+    event(
+        Component.JOB, Phase.COMMIT, Outcome.OK, f"restore point {point.id} committed ({point.consistency}-consistent)"
+    )
     quiescer.complete(point.id)
     handle_logs(
         job.logs,
@@ -101,5 +112,31 @@ def run_host_job(
         source=job.name,
         events=event,
     )
-    event("job", "finish", "ok" if not outcome.failures else "warning", "; ".join(outcome.failures))
+    event(
+        Component.JOB,
+        Phase.FINISH,
+        Outcome.OK if not outcome.failures else Outcome.WARNING,
+        "; ".join(outcome.failures),
+    )
     return JobResult(point, outcome)
+
+
+def run_job(
+    repository: Repository,
+    catalog: Catalog,
+    job: JobConfig,
+    *,
+    inventory: str | None = None,
+    progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+    events: EventRecorder | None = None,
+    log: Callable[[str], None] | None = None,
+) -> JobResult:
+    """Run a job file's backup: of its VM (found in `inventory` or among running QEMU processes)
+    or of image files on this host."""
+    if job.vm:
+        options = VmJobOptions(
+            fallback=job.fallback, freeze_timeout=job.freeze_timeout, writers=job.writers, logs=job.logs
+        )
+        result = backup_vm(repository, catalog, find_vm(job.vm, inventory), options, events=events, log=log)
+        return JobResult(result.restore_point, result.outcome)
+    return run_host_job(repository, catalog, job, progress_factory=progress_factory, events=events, log=log)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from surepoint.catalog import Catalog
 from surepoint.consistency.guest_fsfreeze import GuestFsFreezeWriter
@@ -22,6 +22,7 @@ from surepoint.consistency.logs import handle_logs
 from surepoint.consistency.quiesce import ConsistencyRequired, QuiesceOutcome, Quiescer
 from surepoint.consistency.registry import build_writers
 from surepoint.consistency.writer import Writer
+from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
@@ -170,33 +171,38 @@ def backup_vm(
     options: VmJobOptions | None = None,
     *,
     progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+    events: EventRecorder | None = None,
     log: Callable[[str], None] | None = None,
 ) -> VmJobResult:
     options = options or VmJobOptions()
     rp_id = repository.new_restore_point_id()
     say = log or (lambda _m: None)
     notes: list[str] = []
+    event = replace(
+        (events or EventRecorder(catalog, repository.id)).bound(restore_point=rp_id, source=vm.name),
+        echo=lambda m: say(f"{vm.name}: {m}"),
+    )
 
-    def event(component: str, phase: str, outcome: str, message: str = "") -> None:
-        catalog.add_event(repository.id, component, phase, outcome, message, restore_point=rp_id, source=vm.name)
-        if outcome != "ok":
-            say(f"{vm.name}: {component} {phase}: {outcome} {message}".rstrip())
-
-    event("job", "start", "ok", f"backup of VM {vm.name}")
+    event(Component.JOB, Phase.START, Outcome.OK, f"backup of VM {vm.name}")
     agent: GuestAgent | None = None
     try:
         with open_qmp(vm) as qmp:  # a libvirt domain: QMP through libvirtd
             # first: a dead job's backup filter would show as the top node of every disk
             leftovers = _remove_dead_views(qmp)
             if leftovers:
-                event("job", "cleanup", "warning", "removed a dead job's point-in-time view: " + ", ".join(leftovers))
+                event(
+                    Component.JOB,
+                    Phase.CLEANUP,
+                    Outcome.WARNING,
+                    "removed a dead job's point-in-time view: " + ", ".join(leftovers),
+                )
             devices = qmp.block_devices()
             if not devices:
                 raise QmpError(f"VM {vm.name} has no disks")
             base = None if options.full else repository.latest_named(vm.name)
             base_bitmap = _usable_base_bitmap(qmp, devices, base, notes)
             for note in notes:
-                event("cbt", "plan", "warning", note)
+                event(Component.CBT, Phase.PLAN, Outcome.WARNING, note)
             new_bitmap = bitmap_prefix(repository) + rp_id
             _remove_stale_bitmaps(qmp, devices, bitmap_prefix(repository), {base_bitmap} if base_bitmap else set())
 
@@ -210,7 +216,7 @@ def backup_vm(
                         agent = open_guest_agent(vm, timeout=10)
                     except GuestAgentError as exc:
                         why = f"guest agent unavailable: {exc}"
-                        event("guest-fsfreeze", "identify", "failed", why)
+                        event("guest-fsfreeze", Phase.IDENTIFY, Outcome.FAILED, why)
                 if agent is not None:
                     # a session may wait out the others' prepare and the freeze window before its next request
                     lease = max(SESSION_LEASE, 4 * options.freeze_timeout)
@@ -299,8 +305,13 @@ def backup_vm(
             try:
                 view.close(success=True)
             except VmError as exc:  # the restore point is committed; a leftover node is only untidy
-                event("job", "cleanup", "warning", str(exc))
-            event("job", "commit", "ok", f"restore point {point.id} committed ({point.consistency}-consistent)")
+                event(Component.JOB, Phase.CLEANUP, Outcome.WARNING, str(exc))
+            event(
+                Component.JOB,
+                Phase.COMMIT,
+                Outcome.OK,
+                f"restore point {point.id} committed ({point.consistency}-consistent)",
+            )
             quiescer.complete(point.id)
             if app_writers:
                 handle_logs(
@@ -314,16 +325,16 @@ def backup_vm(
                     events=event,
                 )
     except BaseException as exc:
-        event("job", "finish", "failed", str(exc) or type(exc).__name__)
+        event(Component.JOB, Phase.FINISH, Outcome.FAILED, str(exc) or type(exc).__name__)
         raise
     finally:
         if agent is not None:
             agent.close()
     read = sum(d.read_bytes for d in point.disks)
     event(
-        "job",
-        "finish",
-        "ok" if not outcome.failures else "warning",
+        Component.JOB,
+        Phase.FINISH,
+        Outcome.OK if not outcome.failures else Outcome.WARNING,
         f"restore point {point.id}: {outcome.level}-consistent, {cbt}, read {read} bytes",
     )
     return VmJobResult(vm.name, point, outcome, cbt, notes)

@@ -1,0 +1,169 @@
+"""What every command module shares: the consoles, global options, `Context`, the passphrase
+reader, JSON and size helpers. Command modules import from here; `app.py` imports them."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import sys
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from surepoint.catalog import Catalog, default_catalog_path
+from surepoint.errors import DamagedData, SurepointError, UsageError
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository, open_backend
+from surepoint.timestamps import format_utc
+
+EXIT_DAMAGE = DamagedData.exit_code
+
+# Wide tables when piped, so ids and dates are never cut short in logs.
+# No markup: names, paths and messages come from users and guests and are printed as they are.
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True, markup=False, highlight=False)
+
+
+def say_error(message: str) -> None:
+    err.print(Text.assemble(("error:", "red"), " ", message))
+
+
+def say_warning(message: str) -> None:
+    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+
+
+def log_line(message: str) -> None:
+    """Progress lines of a running job, indented under the command's own output."""
+    err.print(f"  {message}")
+
+
+def quiet(_message: str) -> None:
+    """A log callback that drops everything (--json keeps stdout and stderr clean)."""
+
+
+RepoOption = Annotated[
+    str | None,
+    typer.Option("--repo", "-r", envvar="SUREPOINT_REPO", help="Repository path.", show_envvar=True),
+]
+PassFileOption = Annotated[
+    str | None,
+    typer.Option("--passphrase-file", envvar="SUREPOINT_PASSPHRASE_FILE", help="Read the passphrase from a file."),
+]
+CatalogOption = Annotated[
+    str | None, typer.Option("--catalog", envvar="SUREPOINT_CATALOG", help="Catalog database (SQLite) path.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+InventoryOption = Annotated[str | None, typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory file (TOML).")]
+
+
+def read_passphrase(
+    *, env_var: str, file: str | None, prompt: str, repeat_prompt: str, confirm: bool, missing: str
+) -> str:
+    """A passphrase from `env_var`, else from `file` (without its final newline), else typed at a
+    terminal (twice when `confirm`); UsageError `missing` when none of these is possible."""
+    value = os.environ.get(env_var)
+    if value is not None:
+        return value
+    if file:
+        try:
+            with open(file) as f:
+                return f.read().rstrip("\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read passphrase file {file}: {exc.strerror}") from None
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass(f"{repeat_prompt}: ") != first:
+            raise UsageError("the passphrases do not match")
+        return first
+    raise UsageError(missing)
+
+
+class Context:
+    """What every command needs: where the repository is and how to get its passphrase."""
+
+    def __init__(self, repo: str | None, passphrase_file: str | None, catalog: str | None) -> None:
+        self.repo_location = repo
+        self.passphrase_file = passphrase_file
+        self.catalog_path = catalog or default_catalog_path()
+        self._catalog: Catalog | None = None
+
+    def location(self) -> str:
+        if not self.repo_location:
+            raise UsageError("no repository given: pass --repo PATH or set SUREPOINT_REPO")
+        return self.repo_location
+
+    def passphrase(self, *, confirm: bool = False) -> str:
+        return read_passphrase(
+            env_var="SUREPOINT_PASSPHRASE",
+            file=self.passphrase_file,
+            prompt="repository passphrase",
+            repeat_prompt="repeat passphrase",
+            confirm=confirm,
+            missing="this repository needs a passphrase: set SUREPOINT_PASSPHRASE or pass --passphrase-file",
+        )
+
+    def open_repository(self) -> Repository:
+        return Repository.open(open_backend(self.location()), self.passphrase)
+
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            try:
+                self._catalog = Catalog(self.catalog_path)
+            except Exception as exc:  # noqa: BLE001 - sqlite3 and OS errors alike
+                raise SurepointError(f"cannot open catalog {self.catalog_path}: {exc}") from None
+        return self._catalog
+
+
+def print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def human(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '256M', '1G', '4096', '512KiB'."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise UsageError(f"{text!r} is not a size like 256M or 1G")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
+def short_time(iso: str) -> str:
+    """'2026-01-31 12:00:00' from a stored UTC time stamp, for tables."""
+    return iso[:19].replace("T", " ")
+
+
+def point_json(point: RestorePoint, verification: dict[str, str]) -> dict:
+    """A restore point as `list --json`, `show --json` and `backup --json` print it."""
+    data = asdict(point)
+    data.update(verification)  # state, integrity, recovery
+    data["size"] = point.size
+    return data
+
+
+UNVERIFIED = {"state": "unverified", "integrity": "unverified", "recovery": "unverified"}
+
+
+def parse_since(text: str) -> str:
+    """The stored time-stamp form of a date the user typed (local time unless it says otherwise)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not a date like 2026-01-31 or 2026-01-31T12:00") from None
+    return format_utc(when)

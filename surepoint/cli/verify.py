@@ -1,0 +1,72 @@
+"""`surepoint verify`: re-read stored chunks, report damage, then prune logs that waited for it."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from surepoint.cli.common import EXIT_DAMAGE, Context, JsonOption, err, out, parse_since, print_json
+from surepoint.jobs.after_verify import prune_after_verify
+from surepoint.progress import count_progress
+from surepoint.repo.verify import verify as run_verify
+
+
+def verify(
+    ctx: typer.Context,
+    restore_point: Annotated[str | None, typer.Argument(help="Only this restore point (default: all).")] = None,
+    sample: Annotated[
+        float | None,
+        typer.Option(help="Check only this percentage of chunks, chosen at random.", min=0.01, max=100),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Skip chunks already verified at or after this date (YYYY-MM-DD[THH:MM])."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-read and check stored chunks; report damaged restore points and byte ranges (exit 3 on damage)."""
+    c: Context = ctx.obj
+    repo = c.open_repository()
+    points = [repo.resolve(restore_point)] if restore_point else repo.list_restore_points()
+    since_iso = parse_since(since) if since else None
+    with count_progress(err, "verify chunks") as (set_total, advance):
+        report = run_verify(
+            repo,
+            points,
+            c.catalog(),
+            sample=(sample / 100) if sample else None,
+            since=since_iso,
+            progress=advance,
+            on_plan=set_total,
+        )
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        out.print(
+            f"checked {report.checked_chunks} chunks ({report.skipped_chunks} skipped as recently verified), "
+            f"{report.damaged_chunks} damaged"
+        )
+        for p in report.points:
+            colour = {"verified": "green", "damaged": "red"}.get(p.state, "yellow")
+            out.print(Text.assemble(f"  {p.id} {p.name}: ", (p.state, colour)))
+            for r in p.damaged:
+                out.print(f"    disk {r.disk} bytes {r.offset}-{r.offset + r.length - 1}: {r.reason}")
+        for m in report.damaged_manifests:
+            out.print(Text.assemble("  ", ("damaged manifest", "red"), f" {m}"))
+    intact = {r.id for r in report.points if r.state == "verified"}
+    prune_after_verify(
+        repo,
+        c.catalog(),
+        [p for p in points if p.id in intact],
+        inventory=os.environ.get("SUREPOINT_VM_INVENTORY"),
+        log=(lambda _m: None) if as_json else out.print,
+    )
+    if report.damaged:
+        raise typer.Exit(EXIT_DAMAGE)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(verify)

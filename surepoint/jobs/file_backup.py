@@ -1,0 +1,52 @@
+"""Back up image files or block devices of this host as one restore point (no writers, no snapshot)."""
+
+from __future__ import annotations
+
+import os
+
+from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.jobs.progress import Log, ProgressFactory, no_log
+from surepoint.repo.backup import BackupRequest, run_backup
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
+from surepoint.sources import FileDiskSource
+
+
+def backup_files(
+    repository: Repository,
+    events: EventRecorder,
+    paths: list[str],
+    *,
+    name: str | None = None,
+    full: bool = False,
+    progress: ProgressFactory | None = None,
+    log: Log = no_log,
+) -> RestorePoint:
+    """One restore point of `paths` named `name` (default: the first file's name), incremental
+    against the latest point of that name unless `full`."""
+    sources: list[FileDiskSource] = []
+    try:
+        for path in paths:
+            sources.append(FileDiskSource(path))
+        name = name or sources[0].name
+        base = None if full else repository.latest_named(name)
+        request = BackupRequest(
+            name=name,
+            sources=sources,
+            source_info={"kind": "files", "paths": [os.path.abspath(p) for p in paths]},
+            base=base,
+            restore_point_id=repository.new_restore_point_id(),
+        )
+        job_events = events.bound(restore_point=request.restore_point_id, source=name)
+        job_events.record(Component.JOB, Phase.START, Outcome.OK, f"backup of {name}")
+        advance = progress(sum(s.size for s in sources)) if progress else None
+        try:
+            point = run_backup(repository, request, progress=advance, log=log)
+        except Exception as exc:
+            job_events.record(Component.JOB, Phase.FINISH, Outcome.FAILED, str(exc) or type(exc).__name__)
+            raise
+    finally:
+        for source in sources:
+            source.close()
+    job_events.record(Component.JOB, Phase.COMMIT, Outcome.OK, f"restore point {point.id} committed")
+    return point

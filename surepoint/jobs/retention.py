@@ -1,0 +1,78 @@
+"""Forget restore points by a retention policy: the plan (a pure function) and carrying it out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.repo.locks import repository_lock
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
+from surepoint.repo.retention import Candidate, Policy, apply_policy
+from surepoint.timestamps import parse_utc
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Keep or forget one restore point, and the rules that keep it."""
+
+    id: str
+    name: str
+    created: str
+    keep: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "created": self.created, "keep": self.keep, "reasons": self.reasons}
+
+
+def plan_retention(points: Sequence[RestorePoint], policy: Policy) -> list[Decision]:
+    """What `policy` keeps of `points`, each name judged on its own; names in order, then the
+    points of each name in the order given."""
+    decisions: list[Decision] = []
+    for group in sorted({p.name for p in points}):
+        members = [p for p in points if p.name == group]
+        kept = apply_policy([Candidate(p.id, parse_utc(p.created)) for p in members], policy)
+        for p in members:
+            decisions.append(Decision(p.id, p.name, p.created, p.id in kept, kept.get(p.id, [])))
+    return decisions
+
+
+@dataclass
+class ForgetResult:
+    dry_run: bool
+    decisions: list[Decision]
+
+    @property
+    def forgotten(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.keep]
+
+    def to_json(self) -> dict:
+        return {"dry_run": self.dry_run, "decisions": [d.to_json() for d in self.decisions]}
+
+
+def forget_by_policy(
+    repository: Repository,
+    events: EventRecorder,
+    policy: Policy,
+    *,
+    name: str | None = None,
+    dry_run: bool = False,
+) -> ForgetResult:
+    """Forget the restore points (of `name`, or of every name) that `policy` does not keep.
+
+    The data stays until the next garbage collection. An empty policy keeps everything.
+    """
+    points = [p for p in repository.list_restore_points() if name is None or p.name == name]
+    decisions = plan_retention(points, policy)
+    forget = {d.id for d in decisions if not d.keep}
+    if not dry_run and forget:
+        with repository_lock(repository.backend, "forget"):
+            for p in points:
+                if p.id in forget:
+                    repository.delete_restore_point(p)
+                    events.record(
+                        Component.RETENTION, Phase.FORGET, Outcome.OK, "forgotten by policy", restore_point=p.id
+                    )
+    return ForgetResult(dry_run, decisions)
