@@ -27,6 +27,10 @@ def init(
     ] = "aes-256-gcm",
     chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes (power of two).")] = DEFAULT_CHUNK_SIZE,
     compression_level: Annotated[int, typer.Option(help="zstd level.", min=1, max=19)] = 3,
+    immutable_days: Annotated[
+        int | None,
+        typer.Option(help="Lock every object for N days, forever-incremental (s3:// bucket with Object Lock).", min=1),
+    ] = None,
 ) -> None:
     """Create a new repository."""
     c: Context = ctx.obj
@@ -35,6 +39,10 @@ def init(
         raise UsageError(f"unknown encryption {encryption!r}: choose none, aes-256-gcm or chacha20-poly1305")
     passphrase = c.passphrase(confirm=True) if encryption != "none" else None
     backend = open_backend(c.location(), create=True)
+    if immutable_days is not None:
+        if not hasattr(backend, "make_immutable"):
+            raise UsageError("--immutable-days needs an s3:// repository on a bucket with Object Lock")
+        backend.make_immutable(immutable_days)
     repo = Repository.create(
         backend,
         encryption=encryption,

@@ -46,6 +46,8 @@ def forget(
             table.add_column(col)
         for d in result.decisions:
             action = "keep" if d.keep else ("would forget" if dry_run else "forgotten")
+            if d.locked_until:
+                action = f"locked until {short_time(d.locked_until)}: forget it after that"
             table.add_row(d.id, d.name, short_time(d.created), action, ", ".join(d.reasons))
         out.print(table)
     if prune and not dry_run:

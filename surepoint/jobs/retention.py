@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.repo.locks import repository_lock
 from surepoint.repo.manifest import RestorePoint
-from surepoint.repo.repository import Repository
+from surepoint.repo.repository import MANIFEST_PREFIX, Repository
 from surepoint.repo.retention import Candidate, Policy, apply_policy
-from surepoint.timestamps import parse_utc
+from surepoint.timestamps import format_utc, parse_utc
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,13 @@ class Decision:
     created: str
     keep: bool
     reasons: list[str] = field(default_factory=list)
+    locked_until: str | None = None  # under Object Lock: kept until then, a later forget removes it
 
     def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "created": self.created, "keep": self.keep, "reasons": self.reasons}
+        data = {"id": self.id, "name": self.name, "created": self.created, "keep": self.keep, "reasons": self.reasons}
+        if self.locked_until:
+            data["locked_until"] = self.locked_until
+        return data
 
 
 def plan_retention(points: Sequence[RestorePoint], policy: Policy) -> list[Decision]:
@@ -67,10 +72,18 @@ def forget_by_policy(
     points = [p for p in repository.list_restore_points() if name is None or p.name == name]
     decisions = plan_retention(points, policy)
     forget = {d.id for d in decisions if not d.keep}
+    locked_until = getattr(repository.backend, "locked_until", None)
     if not dry_run and forget:
         with repository_lock(repository.backend, "forget"):
             for p in points:
                 if p.id in forget:
+                    # An object under retention cannot go before its date: say when instead of trying.
+                    until = locked_until(f"{MANIFEST_PREFIX}{p.id}") if locked_until else None
+                    if until:
+                        when = format_utc(datetime.fromtimestamp(until, UTC))
+                        i = next(i for i, d in enumerate(decisions) if d.id == p.id)
+                        decisions[i] = replace(decisions[i], locked_until=when)
+                        continue
                     repository.delete_restore_point(p)
                     events.record(
                         Component.RETENTION, Phase.FORGET, Outcome.OK, "forgotten by policy", restore_point=p.id

@@ -520,6 +520,12 @@ class S3Backend:
             raise self._failed(exc, "copy", name) from None
         self.delete(name)
 
+    def locked_until(self, name: str) -> float | None:
+        """When the object's Object Lock retention ends (a UNIX time), if it is locked now; else None."""
+        if self.object_lock is None:
+            return None
+        return self.object_lock.locked_until(name)
+
     def sync(self) -> None:
         """Wait until every upload started with durable=False has finished; raise the first failure."""
         self._uploads.drain()

@@ -253,6 +253,15 @@ class ObjectLock:
             version.retain_until = until.timestamp() if until else 0.0
         return version.retain_until
 
+    def locked_until(self, name: str) -> float | None:
+        if not protects(name):
+            return None
+        version = self.original(name)
+        if version is None:
+            return None
+        until = self._retention(name, version)
+        return until if until > time.time() else None
+
     def claim(self, name: str) -> bool:
         """A backup reuses the object: make sure it stays locked for `days` from now; False if it is gone."""
         version = self.original(name)
