@@ -210,7 +210,7 @@ def register(app: typer.Typer) -> None:
             if list_items:
                 tables = list_tables(server)
                 if as_json:
-                    _print_json([t.__dict__ for t in tables])
+                    print_json([t.__dict__ for t in tables])
                     return
                 table = Table(title=f"restore point {point.id} ({point.name}): PostgreSQL {server.major}")
                 for col in ("database", "table", "rows (estimate)", "size"):
@@ -230,7 +230,7 @@ def register(app: typer.Typer) -> None:
             c.catalog(), repo, point, "ok", f"{export} to {result.target}: {result.rows} rows in {result.seconds:.1f} s"
         )
         if as_json:
-            _print_json(result.to_json())
+            print_json(result.to_json())
             return
         first = f", first row after {result.first_row_seconds:.1f} s" if result.first_row_seconds is not None else ""
         out.print(
