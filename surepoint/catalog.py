@@ -20,7 +20,8 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+
+from surepoint.timestamps import utc_now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -75,8 +76,7 @@ def default_catalog_path() -> str:
     return os.path.join(base, "surepoint", "catalog.sqlite")
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+now_iso = utc_now  # the one time-stamp format (surepoint.timestamps)
 
 
 @dataclass

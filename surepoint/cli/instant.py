@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         either `--migrate-to DIR --workdir W` (live copy to production storage, switch-over, unmount)
         or `--discard --workdir W` (stop the VM, throw its writes away).
         """
-        from surepoint.jobs.instant_recovery import (
+        from surepoint.mount.instant import (
             default_workdir,
             discard_instant,
             migrate_instant,

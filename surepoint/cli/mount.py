@@ -158,10 +158,11 @@ def register(app: typer.Typer) -> None:
         set-uid/set-gid bits are cleared unless --keep-setuid. An existing mount of the restore
         point is reused; otherwise one is made for the copy and taken down afterwards.
         """
-        from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, guest_agent_for, pick_volume
+        from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, pick_volume
         from surepoint.mount.files import restore_files as copy_files
         from surepoint.mount.manager import MountOptions, mount_restore_point
         from surepoint.mount.state import clean_stale, load_states, teardown
+        from surepoint.vm.inventory import guest_agent_for
 
         c: Context = ctx.obj
         repo = c.open_repository()

@@ -117,7 +117,7 @@ def prune_if_verified(
 
         return run_pending_prunes(catalog, repository_id, point.id, HostRunner(), events)
     from surepoint.consistency.guest_runner import GuestRunner
-    from surepoint.mount.files import guest_agent_for
+    from surepoint.vm.inventory import guest_agent_for
 
     done = 0
     by_vm: dict[str, list[dict]] = {}

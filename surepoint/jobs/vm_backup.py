@@ -9,9 +9,6 @@ every disk; the next backup reads only what that bitmap marks, and falls back to
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -27,7 +24,7 @@ from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.vm.errors import GuestAgentError, QmpError, VmError
-from surepoint.vm.fleece import PointInTimeView, _wait_until
+from surepoint.vm.fleece import PointInTimeView, remove_dead_views
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.inventory import VmInfo
 from surepoint.vm.libvirt_domain import domain_metadata, open_guest_agent, open_qmp
@@ -61,62 +58,6 @@ def _bitmaps(qmp: QmpConnection, node: str) -> dict[str, dict]:
             # a running backup job's copy-before-write bitmap has no name
             return {b["name"]: b for b in entry.get("dirty-bitmaps", []) if b.get("name")}
     return {}
-
-
-def _image_of(node: dict) -> str | None:
-    """The image file of a qcow2 node (its `file` is a json: pseudo-filename when it has a backing node)."""
-    name = node.get("file") or ""
-    if name.startswith("json:"):
-        with contextlib.suppress(ValueError, AttributeError):
-            return json.loads(name[5:]).get("file", {}).get("filename")
-        return None
-    return name or None
-
-
-def _remove_dead_views(qmp: QmpConnection) -> list[str]:
-    """Take down what a job that died (killed, host crash) left of its point-in-time view in QEMU: NBD
-    exports, backup jobs (whose copy-before-write filter slows every guest write), temporary nodes and
-    their images, the NBD server. QMP takes one client at a time and a job holds its connection from
-    start to end, so a view still there when a job starts is a dead job's. Returns what was removed."""
-    removed: list[str] = []
-    workdirs: set[str] = set()
-    for export in qmp.execute("query-block-exports"):
-        export_id = export.get("id", "")
-        if export_id.startswith("sp-export-"):
-            with contextlib.suppress(QmpError):
-                qmp.execute("block-export-del", id=export_id, mode="hard")
-            _wait_until(
-                lambda i=export_id: all(e.get("id") != i for e in qmp.execute("query-block-exports")),
-                30,
-                f"export {export_id} to go away",
-            )
-            removed.append(f"export {export_id}")
-    for job in qmp.query_block_jobs():
-        job_id = job.get("device", "")
-        if job_id.startswith("sp-backup-"):
-            with contextlib.suppress(QmpError):
-                qmp.execute("block-job-cancel", device=job_id, force=True)
-            _wait_until(
-                lambda j=job_id: all(x.get("device") != j for x in qmp.query_block_jobs()), 30, f"job {job_id} to end"
-            )
-            removed.append(f"job {job_id}")
-    for node in qmp.query_named_block_nodes():
-        name = node.get("node-name", "")
-        if name.startswith("sp-fleece-"):
-            image = _image_of(node)
-            qmp.execute("blockdev-del", node_name=name)
-            removed.append(f"node {name}")
-            if image and os.path.basename(image).startswith("fleece-"):
-                with contextlib.suppress(OSError):
-                    os.unlink(image)
-                if os.path.basename(os.path.dirname(image)).startswith("surepoint-fleece-"):
-                    workdirs.add(os.path.dirname(image))  # also holds the NBD server's socket
-    if removed:  # the dead job's NBD server (an export of ours was on it)
-        with contextlib.suppress(QmpError):
-            qmp.execute("nbd-server-stop")
-    for workdir in workdirs:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return removed
 
 
 def _usable_base_bitmap(
@@ -188,7 +129,7 @@ def backup_vm(
     try:
         with open_qmp(vm) as qmp:  # a libvirt domain: QMP through libvirtd
             # first: a dead job's backup filter would show as the top node of every disk
-            leftovers = _remove_dead_views(qmp)
+            leftovers = remove_dead_views(qmp)
             if leftovers:
                 event(
                     Component.JOB,

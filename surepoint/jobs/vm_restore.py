@@ -6,62 +6,15 @@ import json
 import os
 import shlex
 import subprocess
-import time
 from collections.abc import Callable
 
 from surepoint.errors import TargetError, UsageError
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.repo.restore import restore_disk
-from surepoint.vm.errors import GuestAgentError
-from surepoint.vm.guest_agent import GuestAgent
+from surepoint.vm.boot import start_qemu, wait_for_guest_agent
+from surepoint.vm.command_line import rewrite_command_line
 from surepoint.vm.inventory import parse_command_line
-
-
-def _replace_option(arg: str, key: str, value: str) -> str:
-    parts = arg.split(",")
-    return ",".join(f"{key}={value}" if p.startswith(f"{key}=") else p for p in parts)
-
-
-def rewrite_command_line(
-    argv: list[str], disks: list[dict], new_paths: list[str], disk_format: str, workdir: str, name: str
-) -> list[str]:
-    """The saved QEMU command line with restored disks, new sockets and console, and a new name."""
-    old_to_new = {d["filename"]: p for d, p in zip(disks, new_paths, strict=True) if d.get("filename")}
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        flag = argv[i]
-        value = argv[i + 1] if i + 1 < len(argv) else None
-        if value is None or not flag.startswith("-") or value.startswith("-"):  # a value never starts with "-"
-            out.append(flag)
-            i += 1
-            continue
-        if flag == "-name":
-            value = name
-        elif flag == "-qmp" and value.startswith("unix:"):
-            value = f"unix:{workdir}/qmp.sock,server=on,wait=off"
-        elif flag == "-chardev" and "path=" in value:
-            chardev_id = next((p[3:] for p in value.split(",") if p.startswith("id=")), "chardev")
-            value = _replace_option(value, "path", os.path.join(workdir, f"{chardev_id}.sock"))
-        elif flag == "-serial" and value.startswith("file:"):
-            value = f"file:{workdir}/console.log"
-        elif flag == "-pidfile":
-            value = os.path.join(workdir, "qemu.pid")
-        elif flag in ("-blockdev", "-drive"):
-            for old, new in old_to_new.items():
-                if old in value:
-                    value = value.replace(old, new)
-                    for key in ("driver", "format"):
-                        if f"{key}=qcow2" in value or f"{key}=raw" in value:
-                            # only the format layer's driver names a format; file.driver names the protocol
-                            value = ",".join(
-                                f"{key}={disk_format}" if p in (f"{key}=qcow2", f"{key}=raw") else p
-                                for p in value.split(",")
-                            )
-        out += [flag, value]
-        i += 2
-    return out
 
 
 def restore_vm(
@@ -141,22 +94,13 @@ def _boot(argv: list[str], workdir: str, timeout: float) -> dict:
     # the chardev bound to the guest-agent port, whatever its id (rewritten to a socket in workdir)
     info = parse_command_line(argv)
     agent_socket = info.guest_agent if info else None
-    started = time.monotonic()
-    with open(os.path.join(workdir, "qemu.log"), "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    log_path = os.path.join(workdir, "qemu.log")
+    proc = start_qemu(argv, log_path)
     if agent_socket is None:
         return {"pid": proc.pid, "boot_seconds": 0.0, "guest_agent": None}
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise TargetError(f"the restored VM exited with {proc.returncode}; see {workdir}/qemu.log")
-        if os.path.exists(agent_socket):
-            try:
-                with GuestAgent(agent_socket, timeout=2.0, sync_timeout=1.0) as agent:
-                    agent.ping()
-                return {"pid": proc.pid, "boot_seconds": time.monotonic() - started, "guest_agent": agent_socket}
-            except GuestAgentError:
-                pass
-        time.sleep(1)
-    proc.kill()
-    raise TargetError(f"the restored VM did not answer on its guest agent within {timeout:.0f} s")
+    try:
+        seconds = wait_for_guest_agent(proc, agent_socket, timeout, log_path=log_path, interval=1.0)
+    except TargetError:
+        proc.kill()
+        raise
+    return {"pid": proc.pid, "boot_seconds": seconds, "guest_agent": agent_socket}

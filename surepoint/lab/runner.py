@@ -21,20 +21,20 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
 
 from surepoint.catalog import Catalog
 from surepoint.errors import SurepointError, UsageError
-from surepoint.jobs.instant_recovery import discard_instant, start_instant
 from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
 from surepoint.lab.config import LabConfig, LabVmSpec
 from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
 from surepoint.lab.report import FAILED, NOT_RUN, PASSED, LabReport, VmResult
 from surepoint.lab.state import LabState, clean_leftovers, new_lab_id, teardown_lab
+from surepoint.mount.instant import discard_instant, start_instant
 from surepoint.mount.manager import MountOptions
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.repo.verify import verify as run_verify
+from surepoint.timestamps import utc_now
 
 ADDRESS_WAIT = 60.0  # seconds to wait for a VM's network to come up when a test needs its address
 NEEDS_ADDRESS = ("ping", "port")
@@ -90,7 +90,7 @@ class Lab:
         state.save()
         report = LabReport(
             lab_id=lab_id,
-            started=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            started=utc_now(),
             repository=self.repository.id,
             network={
                 "namespace": state.namespace,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import SurepointError
-from surepoint.mount.state import process_start
+from surepoint.processes import process_start
 from surepoint.statefile import write_json_atomically
 
 DEFAULT_LAB_DIR = "/var/lib/surepoint/lab"
@@ -87,8 +87,8 @@ def load_labs() -> list[LabState]:
 
 def teardown_lab(state: LabState, say: Callable[[str], None]) -> list[str]:
     """Stop every VM of the lab, drop overlays and mounts, delete the namespace; what could not be removed."""
-    from surepoint.jobs.instant_recovery import InstantSession, discard_instant
     from surepoint.lab.network import LabNetwork
+    from surepoint.mount.instant import InstantSession, discard_instant
 
     problems = []
     for workdir in reversed(state.vm_workdirs):

@@ -529,13 +529,3 @@ def pick_volume(mounts: list[dict], disk: int | None, partition: str | None) -> 
     if not candidates:
         raise UsageError(f"no mounted filesystem matches (mounted: {choices or 'none'})")
     raise SurepointError(f"the restore point has several filesystems: choose one of {choices}")
-
-
-def guest_agent_for(vm_name: str, inventory: str | None):
-    from surepoint.vm.inventory import find_vm
-    from surepoint.vm.libvirt_domain import open_guest_agent
-
-    vm = find_vm(vm_name, inventory)
-    if not vm.guest_agent and not vm.libvirt_uri:
-        raise UsageError(f"VM {printable(vm_name)} has no guest-agent channel (org.qemu.guest_agent.0)")
-    return open_guest_agent(vm, timeout=60.0)  # through libvirtd for a libvirt domain

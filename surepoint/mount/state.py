@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from surepoint.errors import SurepointError, UsageError
-from surepoint.repo.locks import _process_alive
+from surepoint.processes import process_alive, process_start
 from surepoint.statefile import write_json_atomically
 
 DEFAULT_STATE_DIR = "/run/surepoint/mounts"
@@ -64,19 +64,10 @@ class MountState:
             os.unlink(self.path)
 
     def alive(self) -> bool:
-        return self.pid is not None and _process_alive(self.pid) and process_start(self.pid) == self.pid_start
+        return self.pid is not None and process_alive(self.pid) and process_start(self.pid) == self.pid_start
 
     def to_json(self) -> dict:
         return dict(self.__dict__, alive=self.alive(), state_file=self.path, log=self.log_path)
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks after boot (field 22 of /proc/PID/stat), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def load_states() -> list[MountState]:
@@ -257,7 +248,7 @@ def clean_stale(log=None) -> list[MountState]:
     for state in load_states():
         if state.alive():
             continue
-        if state.status == "starting" and state.owner is not None and _process_alive(state.owner):
+        if state.status == "starting" and state.owner is not None and process_alive(state.owner):
             continue  # a mount still being set up by another command
         teardown(state, lazy=True, log=log)
         cleaned.append(state)

@@ -19,6 +19,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
 from surepoint.errors import RepositoryLocked, SurepointError
+from surepoint.processes import process_alive
 from surepoint.storage.backend import Backend, ObjectNotFound
 
 LOCK_PREFIX = "locks/"
@@ -50,23 +51,9 @@ class LockRecord:
         return f"{self.kind} by pid {self.pid} on {self.host} since {when}"
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def is_stale(lock: LockRecord, now: float | None = None) -> bool:
     if lock.host == socket.gethostname():
-        return not _process_alive(lock.pid)
+        return not process_alive(lock.pid)
     return (now or time.time()) - lock.refreshed > STALE_SECONDS
 
 

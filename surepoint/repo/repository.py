@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from surepoint.errors import (
     AmbiguousReference,
@@ -29,6 +28,7 @@ from surepoint.repo.fixed_index import FixedIndex
 from surepoint.repo.manifest import RestorePoint
 from surepoint.storage.backend import Backend, ObjectNotFound
 from surepoint.storage.local import LocalBackend
+from surepoint.timestamps import utc_now
 
 FORMAT = "surepoint-repository"
 FORMAT_VERSION = 1
@@ -38,10 +38,6 @@ INDEX_PREFIX = "indexes/"
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 64 << 20
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def open_backend(location: str, *, create: bool = False) -> Backend:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.errors import SurepointError
-from surepoint.mount.state import process_start
+from surepoint.processes import process_start
 from surepoint.server.config import ServerConfig
 from surepoint.server.db import Database, now_iso
 from surepoint.server.kinds import parse_spec

@@ -11,29 +11,21 @@ libvirt-python is installed and libvirtd answers: see surepoint.vm.libvirt_domai
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
-from surepoint.errors import UsageError
+from surepoint.errors import InvalidArgument, UsageError
 from surepoint.processes import command_lines
+from surepoint.text import printable
 from surepoint.tomlfile import read_toml
 from surepoint.vm.errors import VmError
+from surepoint.vm.guest_agent import GuestAgent
+from surepoint.vm.info import VmInfo
+from surepoint.vm.libvirt_domain import open_guest_agent, running_domains
 
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 
 
 class VmNotFound(VmError):
     pass
-
-
-@dataclass
-class VmInfo:
-    name: str
-    qmp: str
-    guest_agent: str | None = None
-    pid: int | None = None
-    command_line: list[str] = field(default_factory=list)
-    libvirt_uri: str | None = None  # set for a libvirt domain: QMP and agent go through libvirtd
-    domain_xml: str | None = None  # a libvirt domain's XML (its configuration)
 
 
 def _options(text: str) -> dict[str, str]:
@@ -89,8 +81,6 @@ def running_vms() -> list[VmInfo]:
             info = parse_command_line(argv, pid)
             if info:
                 vms.append(info)
-    from surepoint.vm.libvirt_domain import running_domains
-
     domains = running_domains()  # libvirt owns their monitors: reached through libvirtd, not a socket
     owned = {d.pid for d in domains if d.pid}
     vms = [v for v in vms if v.pid not in owned] + domains
@@ -114,3 +104,11 @@ def find_vm(name: str, inventory: str | None = None) -> VmInfo:
             return vm
     known = ", ".join(sorted({v.name for v in candidates})) or "none"
     raise VmNotFound(f"no VM named {name!r} (running QEMU VMs with a QMP socket: {known})")
+
+
+def guest_agent_for(vm_name: str, inventory: str | None) -> GuestAgent:
+    """An open guest-agent connection to the VM `vm_name` (through libvirtd for a libvirt domain)."""
+    vm = find_vm(vm_name, inventory)
+    if not vm.guest_agent and not vm.libvirt_uri:
+        raise InvalidArgument(f"VM {printable(vm_name)} has no guest-agent channel (org.qemu.guest_agent.0)")
+    return open_guest_agent(vm, timeout=60.0)

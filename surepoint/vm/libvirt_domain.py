@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from surepoint.vm.errors import (
     GuestAgentCommandError,
@@ -42,10 +42,8 @@ from surepoint.vm.errors import (
     VmError,
 )
 from surepoint.vm.guest_agent import GuestAgent
+from surepoint.vm.info import VmInfo
 from surepoint.vm.qmp import DEFAULT_TIMEOUT, BlockDevice, QmpConnection
-
-if TYPE_CHECKING:
-    from surepoint.vm.inventory import VmInfo
 
 DEFAULT_URI = "qemu:///system"
 URI_ENV = "SUREPOINT_LIBVIRT_URI"  # another URI; "" or "none" turns the libvirt lookup off
@@ -172,8 +170,6 @@ def _cmdline(pid: int | None) -> list[str]:
 
 
 def _vm_info(dom: Any, uri: str) -> VmInfo:
-    from surepoint.vm.inventory import VmInfo
-
     xml = dom.XMLDesc(0)
     name = dom.name()
     pid = _pid(name)

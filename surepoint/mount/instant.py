@@ -29,12 +29,14 @@ from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import SurepointError, TargetError, UsageError
 from surepoint.mount.manager import MountOptions, mount_restore_point
-from surepoint.mount.state import clean_stale, find_state, is_mountpoint, process_start, teardown
+from surepoint.mount.state import clean_stale, find_state, is_mountpoint, teardown
+from surepoint.processes import process_start, same_process
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.statefile import write_json_atomically
-from surepoint.vm.errors import GuestAgentError, QmpError
-from surepoint.vm.guest_agent import GuestAgent
+from surepoint.vm.boot import start_qemu, wait_for_guest_agent
+from surepoint.vm.command_line import rewrite_command_line
+from surepoint.vm.errors import QmpError
 from surepoint.vm.inventory import parse_command_line
 from surepoint.vm.qmp import QmpConnection
 
@@ -88,18 +90,10 @@ class InstantSession:
         return cls(**known)
 
     def qemu_alive(self) -> bool:
-        return self.pid is not None and process_start(self.pid) == self.pid_start and _not_zombie(self.pid)
+        return same_process(self.pid, self.pid_start)
 
     def to_json(self) -> dict:
         return dict(asdict(self), alive=self.qemu_alive(), state_file=self.path_in(self.workdir))
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def default_workdir(point: RestorePoint) -> str:
@@ -151,8 +145,6 @@ def start_instant(
     A recovery lab passes `command_prefix` (QEMU then runs in the lab's network namespace) and
     `prepare_argv` (which moves the VM's network cards onto the lab's bridge).
     """
-    from surepoint.jobs.vm_restore import rewrite_command_line
-
     say = log or (lambda _m: None)
     started = time.monotonic()
     vm = point.metadata.get("vm")
@@ -235,20 +227,14 @@ def start_instant(
 
 
 def _boot(session: InstantSession, timeout: float) -> None:
-    """Start QEMU in a session of its own (it outlives the command); wait for its guest agent.
+    """Start QEMU (it outlives the command) and wait for its guest agent.
 
     The pid is saved at once, so that an interrupted or failed boot is cleaned up like a crash.
     """
     info = parse_command_line(session.argv)
     session.guest_agent = info.guest_agent if info else None
-    with open(os.path.join(session.workdir, "qemu.log"), "ab") as logf:
-        proc = subprocess.Popen(
-            session.command_prefix + session.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-        )
+    log_path = os.path.join(session.workdir, "qemu.log")
+    proc = start_qemu(session.command_prefix + session.argv, log_path)
     session.pid = proc.pid
     session.pid_start = process_start(proc.pid)
     session.save()
@@ -257,29 +243,7 @@ def _boot(session: InstantSession, timeout: float) -> None:
             "the saved command line has no guest-agent channel: cannot tell when the VM is up; "
             "use `surepoint vm restore`"
         )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise TargetError(
-                f"QEMU exited with {proc.returncode} while booting: {_tail(os.path.join(session.workdir, 'qemu.log'))}"
-            )
-        if os.path.exists(session.guest_agent):
-            try:
-                with GuestAgent(session.guest_agent, timeout=2.0, sync_timeout=1.0) as agent:
-                    agent.ping()
-                return
-            except GuestAgentError:
-                pass
-        time.sleep(0.5)
-    raise TargetError(f"the VM did not answer on its guest agent within {timeout:.0f} s")
-
-
-def _tail(path: str, lines: int = 5) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return " | ".join(line.strip() for line in f.readlines()[-lines:]) or "nothing logged"
-    except OSError:
-        return "nothing logged"
+    wait_for_guest_agent(proc, session.guest_agent, timeout, log_path=log_path)
 
 
 def _stop_qemu(session: InstantSession, say: Callable[[str], None], timeout: float = 20.0) -> None:
@@ -389,8 +353,6 @@ def migrate_instant(
     workdir: str, target_dir: str, log: Callable[[str], None] | None = None, timeout: float = MIRROR_TIMEOUT
 ) -> InstantSession:
     """Mirror the running instant VM's disks into TARGET_DIR, switch over, drop the repository."""
-    from surepoint.jobs.vm_restore import rewrite_command_line
-
     say = log or (lambda _m: None)
     session = _load(workdir)
     if session.status == "migrated":

@@ -1,0 +1,1 @@
+"""Everything on disk: the repository format, its engine (backup, restore, verify, gc) and locks."""
