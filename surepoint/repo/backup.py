@@ -122,7 +122,8 @@ def run_backup(
     """Back up every source of the request and commit one restore point with all its disks."""
     if request.consistency not in CONSISTENCY_LEVELS:
         raise ValueError(f"unknown consistency level {request.consistency}")
-    workers = workers or max(2, os.cpu_count() or 2)
+    # A remote backend waits on the network more than on the CPU: it says how many requests pay off.
+    workers = workers or max(2, os.cpu_count() or 2, getattr(repository.backend, "concurrency", 0))
     started = time.monotonic()
     rp_id = request.restore_point_id or repository.new_restore_point_id()
     writer = _ChunkWriter(repository)

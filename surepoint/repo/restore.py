@@ -96,7 +96,8 @@ def restore_disk(
     index: FixedIndex = repository.load_index(restore_point, disk_number)
     fd, sparse, write_path = _open_target(target, index.disk_size, overwrite)
     written = 0
-    workers = workers or max(2, os.cpu_count() or 2)
+    # A remote backend waits on the network more than on the CPU: it says how many requests pay off.
+    workers = workers or max(2, os.cpu_count() or 2, getattr(repository.backend, "concurrency", 0))
     zero = bytes(index.chunk_size)
 
     def fetch(number: int) -> tuple[int, bytes | None]:

@@ -250,7 +250,8 @@ class S3Backend:
         self.settings = settings or S3Settings.from_environment()
         self.client = client or make_client(self.settings)
         self.bucket = self.where.bucket
-        self.concurrency = self.settings.connections  # what the engine may use for parallel reads
+        # Parallel requests worth making (the engine sizes its worker pools by it); uploads have their own pool.
+        self.concurrency = min(16, self.settings.connections)
         self._uploads = _Uploads(self.settings.connections, UPLOAD_BYTES_IN_FLIGHT)
         self._cache: MetadataCache | None = None
         self.object_lock: ObjectLock | None = None
