@@ -61,8 +61,23 @@ class Cli:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    return Cli(tmp_path)
+def cli(request, tmp_path: Path) -> Cli:
+    """A runner on a local repository; tests marked `s3` run a second time on an S3 bucket (SeaweedFS)."""
+    runner = Cli(tmp_path)
+    if getattr(request, "param", "local") == "s3":
+        from tests.servers.seaweedfs import use_s3
+
+        use_s3(runner, request.getfixturevalue("seaweedfs"), tmp_path)
+    return runner
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "s3: also run the test with its `cli` on an S3 repository (SeaweedFS)")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if metafunc.definition.get_closest_marker("s3") and "cli" in metafunc.fixturenames:
+        metafunc.parametrize("cli", ["local", "s3"], indirect=True)
 
 
 def sha256_file(path: os.PathLike | str) -> str:

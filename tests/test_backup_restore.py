@@ -32,6 +32,7 @@ def test_full_and_incremental_restore_bit_exact(cli, tmp_path, encryption):
     assert sha256_file(tmp_path / "latest.img") == second_sha
 
 
+@pytest.mark.s3
 def test_incremental_stores_only_changed_chunks(cli, tmp_path):
     image = make_image(tmp_path / "disk.img", 64 << 20, seed=3, regions=12)
     cli.run("init", "--encryption", "none", "--chunk-size", SMALL_CHUNKS, check=True)
@@ -80,6 +81,7 @@ def test_identical_data_across_sources_is_stored_once(cli, tmp_path):
     assert second["parent"] is None
 
 
+@pytest.mark.s3
 def test_several_disks_in_one_restore_point(cli, tmp_path):
     disks = [make_image(tmp_path / f"d{i}.img", (8 + i * 8) << 20, seed=10 + i) for i in range(3)]
     cli.run("init", "--encryption", "none", "--chunk-size", SMALL_CHUNKS, check=True)
@@ -93,6 +95,7 @@ def test_several_disks_in_one_restore_point(cli, tmp_path):
     assert bad.returncode == 2 and "no disk 7" in bad.stderr
 
 
+@pytest.mark.s3
 def test_verify_marks_points_verified(cli, tmp_path):
     image = make_image(tmp_path / "disk.img", 16 << 20, seed=6)
     cli.run("init", "--encryption", "aes-256-gcm", "--chunk-size", SMALL_CHUNKS, check=True)
@@ -144,6 +147,7 @@ def test_block_device_backup_and_restore(cli, tmp_path):
     assert sha256_file(target_file) == sha256_file(image)
 
 
+@pytest.mark.s3
 def test_change_passphrase_keeps_data(cli, tmp_path):
     image = make_image(tmp_path / "disk.img", 8 << 20, seed=9)
     cli.run("init", "--encryption", "aes-256-gcm", check=True)

@@ -229,6 +229,14 @@ class SeaweedFS:
         self.stop()
 
 
+def use_s3(cli, server: SeaweedFS, tmp_path: Path, *, object_lock: bool = False, endpoint: str | None = None) -> str:
+    """Point a tests.conftest.Cli at a new bucket of `server`; the repository URL is returned (and in cli.repo)."""
+    location = f"s3://{server.new_bucket(object_lock=object_lock)}/repo"
+    cli.repo = location
+    cli.env.update(server.env(endpoint), SUREPOINT_REPO=location, SUREPOINT_CACHE_DIR=str(tmp_path / "s3-cache"))
+    return location
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory) -> Iterator[SeaweedFS]:
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
