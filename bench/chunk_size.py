@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import time
 
+from surepoint import storage
 from surepoint.repo.backup import BackupRequest, run_backup
-from surepoint.repo.repository import Repository, open_backend
+from surepoint.repo.repository import Repository
 from surepoint.sources import FileDiskSource
 
 
@@ -60,7 +61,7 @@ def main() -> None:
         shutil.rmtree(repo_dir, ignore_errors=True)
         os.makedirs(args.workdir, exist_ok=True)
         repo = Repository.create(
-            open_backend(repo_dir, create=True), encryption="aes-256-gcm", passphrase="bench", chunk_size=chunk_size
+            storage.open(repo_dir, create=True), encryption="aes-256-gcm", passphrase="bench", chunk_size=chunk_size
         )
         full, full_s = backup(repo, args.v1)
         incr, incr_s = backup(repo, args.v2, base=full)

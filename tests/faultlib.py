@@ -144,9 +144,10 @@ class Repo:
     # looking inside the repository (test oracle only) ------------------------------------------
 
     def open_api(self):
-        from surepoint.repo.repository import Repository, open_backend
+        from surepoint import storage
+        from surepoint.repo.repository import Repository
 
-        return Repository.open(open_backend(str(self.path)), lambda: self.passphrase)
+        return Repository.open(storage.open(str(self.path)), lambda: self.passphrase)
 
     def chunk_names(self, point_id: str, disk: int = 0) -> list[str | None]:
         """Object name of the chunk at each chunk number of a disk (None for zero chunks)."""

@@ -16,10 +16,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from surepoint import storage
 from surepoint.catalog import Catalog, default_catalog_path
 from surepoint.errors import DamagedData, SurepointError, UsageError
 from surepoint.repo.manifest import RestorePoint
-from surepoint.repo.repository import Repository, open_backend
+from surepoint.repo.repository import Repository
 from surepoint.timestamps import format_utc
 
 EXIT_DAMAGE = DamagedData.exit_code
@@ -109,7 +110,7 @@ class Context:
         )
 
     def open_repository(self) -> Repository:
-        return Repository.open(open_backend(self.location()), self.passphrase)
+        return Repository.open(storage.open(self.location()), self.passphrase)
 
     def catalog(self) -> Catalog:
         if self._catalog is None:

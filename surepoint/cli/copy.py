@@ -39,21 +39,14 @@ def _source_passphrase(location: str) -> str:
 
 
 def _open(location: str, passphrase, side: str, where: str):
-    from surepoint.repo.repository import Repository, open_backend
+    from surepoint import storage
+    from surepoint.repo.repository import Repository
 
-    backend = _backend(location, open_backend)
+    backend = storage.open(location)
     try:
         return Repository.open(backend, passphrase)
     except WrongPassphrase:
         raise WrongPassphrase(f"wrong passphrase for the {side} repository {location} (from {where})") from None
-
-
-def _backend(location: str, open_backend):
-    if location.startswith("ssh://"):
-        from surepoint.storage.ssh import SshBackend
-
-        return SshBackend(location)
-    return open_backend(location)
 
 
 def register(app: typer.Typer) -> None:

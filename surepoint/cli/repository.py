@@ -6,11 +6,11 @@ from typing import Annotated
 
 import typer
 
-from surepoint import __version__
+from surepoint import __version__, storage
 from surepoint.cli.common import Context, out, read_passphrase
 from surepoint.errors import UsageError
 from surepoint.repo.locks import read_locks, remove_stale_locks
-from surepoint.repo.repository import DEFAULT_CHUNK_SIZE, Repository, open_backend
+from surepoint.repo.repository import DEFAULT_CHUNK_SIZE, Repository
 
 ENCRYPTIONS = ("none", "aes-256-gcm", "chacha20-poly1305")
 
@@ -38,7 +38,7 @@ def init(
     if encryption not in ENCRYPTIONS:
         raise UsageError(f"unknown encryption {encryption!r}: choose none, aes-256-gcm or chacha20-poly1305")
     passphrase = c.passphrase(confirm=True) if encryption != "none" else None
-    backend = open_backend(c.location(), create=True)
+    backend = storage.open(c.location(), create=True)
     if immutable_days is not None:
         if not hasattr(backend, "make_immutable"):
             raise UsageError("--immutable-days needs an s3:// repository on a bucket with Object Lock")
@@ -79,7 +79,7 @@ def passwd(
 def unlock(ctx: typer.Context) -> None:
     """Remove locks left by processes that are gone (this host) or abandoned (other hosts)."""
     c: Context = ctx.obj
-    backend = open_backend(c.location())
+    backend = storage.open(c.location())
     removed = remove_stale_locks(backend)
     remaining = read_locks(backend)
     out.print(f"removed {len(removed)} stale lock(s); {len(remaining)} lock(s) still held")

@@ -11,7 +11,6 @@ its mtime again: a chunk touched meanwhile goes back.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +19,10 @@ from surepoint.errors import DamagedData, UnreadableRestorePoints
 from surepoint.repo import logstore
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
-from surepoint.repo.repository import INDEX_PREFIX, Repository
-from surepoint.storage.backend import ObjectNotFound
+from surepoint.repo.repository import INDEX_PREFIX, TRASH_PREFIX, Repository
+from surepoint.storage.backend import Backend, ObjectNotFound
 
 MARGIN_SECONDS = 300
-TRASH_PREFIX = "trash/"
 TEMPORARY_MIN_AGE = 3600
 
 
@@ -124,42 +122,25 @@ def collect_garbage(
                 if not dry_run:
                     _delete_quietly(backend, info.name)
 
-        list_temporary = getattr(backend, "list_temporary", None)
-        if list_temporary is not None:
-            # A temporary file is live for the seconds its write takes; an hour old means its writer died.
-            temporary_cutoff = min(cutoff, started - TEMPORARY_MIN_AGE)
-            for info in list(list_temporary()):
-                writer_gone = _temporary_writer_gone(info.name)
-                if info.mtime < temporary_cutoff or (writer_gone and info.mtime < cutoff):
-                    result.removed_temporary += 1
-                    if not dry_run:
-                        _delete_quietly(backend, info.name)
+        # A temporary object is live for the seconds its write takes; an hour old means its writer died.
+        temporary_cutoff = min(cutoff, started - TEMPORARY_MIN_AGE)
+        for temporary in list(backend.list_temporary()):
+            if temporary.mtime < temporary_cutoff or (temporary.writer_gone and temporary.mtime < cutoff):
+                result.removed_temporary += 1
+                if not dry_run:
+                    _delete_quietly(backend, temporary.name)
         if not dry_run:
             backend.sync()
     return result
 
 
-def _temporary_writer_gone(name: str) -> bool:
-    """Temporary names end in .<pid>.<thread>.tmp (storage/local.py): is that process gone from this host?"""
-    parts = name.rsplit(".", 3)
-    if len(parts) != 4 or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def _rename_back(backend, trash_name: str, name: str) -> None:
+def _rename_back(backend: Backend, trash_name: str, name: str) -> None:
     if backend.exists(name):  # a backup wrote it again meanwhile: same content, drop the trash copy
         _delete_quietly(backend, trash_name)
     else:
         backend.rename(trash_name, name)
 
 
-def _delete_quietly(backend, name: str) -> None:
-    with contextlib.suppress(ObjectNotFound, FileNotFoundError):
+def _delete_quietly(backend: Backend, name: str) -> None:
+    with contextlib.suppress(ObjectNotFound):
         backend.delete(name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 from collections.abc import Callable
 
@@ -15,19 +14,15 @@ from surepoint.errors import (
     NoSuchDisk,
     NotARepository,
     NotEncrypted,
-    RepositoryExists,
-    RepositoryNotFound,
     RestorePointNotFound,
-    SurepointError,
-    UnsupportedLocation,
 )
 from surepoint.repo import crypto
-from surepoint.repo.chunks import ChunkStore
+from surepoint.repo.chunks import CHUNK_PREFIX, ChunkStore
 from surepoint.repo.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
 from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.locks import LOCK_PREFIX
 from surepoint.repo.manifest import RestorePoint
 from surepoint.storage.backend import Backend, ObjectNotFound
-from surepoint.storage.local import LocalBackend
 from surepoint.timestamps import utc_now
 
 FORMAT = "surepoint-repository"
@@ -35,32 +30,14 @@ FORMAT_VERSION = 1
 CONFIG = "config"
 MANIFEST_PREFIX = "restorepoints/"
 INDEX_PREFIX = "indexes/"
+TRASH_PREFIX = "trash/"  # chunks garbage collection is about to delete (repo/gc.py)
+# every prefix under which objects are written (chunks fan out by the first byte of their id)
+LAYOUT_PREFIXES = (INDEX_PREFIX, MANIFEST_PREFIX, LOCK_PREFIX, TRASH_PREFIX) + tuple(
+    f"{CHUNK_PREFIX}{byte:02x}/" for byte in range(256)
+)
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 64 << 20
-
-
-def open_backend(location: str, *, create: bool = False) -> Backend:
-    """The backend for a repository location (a local path for now)."""
-    if location.startswith("s3://"):
-        from surepoint.storage.s3 import S3Backend
-
-        return S3Backend.open(location, create=create)
-    if "://" in location and not location.startswith("file://"):
-        raise UnsupportedLocation(f"repository location {location!r}: only local paths are supported so far")
-    path = location.removeprefix("file://")
-    if create:
-        if os.path.exists(os.path.join(path, CONFIG)):
-            raise RepositoryExists(f"a repository already exists at {path}")
-        if os.path.isdir(path) and os.listdir(path):
-            raise RepositoryExists(f"{path} exists and is not empty: choose a new or empty directory")
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as exc:
-            raise SurepointError(f"cannot create repository directory {path}: {exc.strerror}") from None
-    elif not os.path.isdir(path):
-        raise RepositoryNotFound(f"no repository at {path}")
-    return LocalBackend(path)
 
 
 class Repository:
@@ -110,12 +87,8 @@ class Repository:
         keys = None
         if encryption != "none":
             keys, config["encryption"] = crypto.new_key_record(encryption, passphrase or "", config["id"])
-        # Every directory exists from the start, so writing an object never has to make one durable.
-        for prefix in ("indexes", "restorepoints", "locks", "trash") if isinstance(backend, LocalBackend) else ():
-            os.makedirs(os.path.join(backend.location, prefix), exist_ok=True)
-        for byte in range(256 if isinstance(backend, LocalBackend) else 0):
-            os.makedirs(os.path.join(backend.location, "chunks", f"{byte:02x}"), exist_ok=True)
-        os.sync()
+        # Every prefix exists from the start, so writing an object never has to make one durable.
+        backend.prepare(LAYOUT_PREFIXES)
         backend.put(CONFIG, json.dumps(config, indent=2).encode())
         return cls(backend, config, keys)
 

@@ -9,10 +9,11 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 
+from surepoint import storage
 from surepoint.catalog import Catalog
 from surepoint.errors import SurepointError, UsageError
 from surepoint.repo.manifest import RestorePoint
-from surepoint.repo.repository import Repository, open_backend
+from surepoint.repo.repository import Repository
 from surepoint.server.config import RepositoryConfig, ServerConfig
 
 CACHE_SECONDS = 3.0
@@ -51,7 +52,7 @@ class Repositories:
             except OSError as exc:
                 raise UsageError(f"cannot read the passphrase file of repository {name}: {exc.strerror}") from None
 
-        return Repository.open(open_backend(repo.location), passphrase)
+        return Repository.open(storage.open(repo.location), passphrase)
 
     def points(self, name: str, *, fresh: bool = False) -> list[dict]:
         """Restore points of repository `name`, newest first, with state, integrity and recovery."""

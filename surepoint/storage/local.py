@@ -6,12 +6,29 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from surepoint.errors import StorageError, StorageFull
-from surepoint.storage.backend import ObjectInfo, ObjectNotFound
+from surepoint.errors import RepositoryExists, RepositoryNotFound, StorageError, StorageFull
+from surepoint.storage.backend import Backend, Capabilities, ObjectInfo, ObjectNotFound, TemporaryInfo
 
 TMP_SUFFIX = ".tmp"
+
+
+def open_local(location: str, *, create: bool = False) -> LocalBackend:
+    """The backend for a local path or file:// URL; with `create`, the directory must be new or empty."""
+    path = location.removeprefix("file://")
+    if create:
+        if os.path.isdir(path) and os.listdir(path):
+            if os.path.exists(os.path.join(path, "config")):
+                raise RepositoryExists(f"a repository already exists at {path}")
+            raise RepositoryExists(f"{path} exists and is not empty: choose a new or empty directory")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create repository directory {path}: {exc.strerror}") from None
+    elif not os.path.isdir(path):
+        raise RepositoryNotFound(f"no repository at {path}")
+    return LocalBackend(path)
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -22,13 +39,17 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
     return StorageError(f"repository storage error writing {what}: {exc.strerror}")
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Objects as files under a root directory.
 
     Files are fsynced before they are renamed into place, so a name never points at partial
     data. Directory entries become durable at `sync()` (the directories touched since the last
     sync are fsynced), which the repository calls before it writes a restore-point manifest.
+    Temporary files are named `<object>.<pid>.<thread>.tmp`: a process that no longer exists on
+    this host has abandoned its temporaries.
     """
+
+    capabilities = Capabilities(atomic_rename=True, touch_renews_mtime=True)
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -38,9 +59,24 @@ class LocalBackend:
         self._made_dirs: set[str] = set()
 
     def _path(self, name: str) -> str:
-        if name.startswith("/") or ".." in name.split("/"):
+        if not name or name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
             raise ValueError(f"bad object name {name!r}")
         return os.path.join(self.root, name)
+
+    def _ensure_dir(self, directory: str) -> bool:
+        """Make the directory of an object; True if it was new (its entry becomes durable at the next sync)."""
+        if directory in self._made_dirs:
+            return False
+        created = not os.path.isdir(directory)
+        if created:
+            os.makedirs(directory, exist_ok=True)
+            self._dirty(os.path.dirname(directory))
+        self._made_dirs.add(directory)
+        return created
+
+    def _dirty(self, directory: str) -> None:
+        with self._lock:
+            self._dirty_dirs.add(directory)
 
     def get(self, name: str) -> bytes:
         try:
@@ -48,15 +84,15 @@ class LocalBackend:
                 return f.read()
         except FileNotFoundError:
             raise ObjectNotFound(name) from None
+        except OSError as exc:
+            raise StorageError(f"repository storage error reading {name}: {exc.strerror}") from None
 
     def put(self, name: str, data: bytes, *, durable: bool = True) -> None:
         path = self._path(name)
         directory = os.path.dirname(path)
-        if directory not in self._made_dirs:
-            os.makedirs(directory, exist_ok=True)
-            self._made_dirs.add(directory)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
         try:
+            new_directory = self._ensure_dir(directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 view = memoryview(data)
@@ -73,34 +109,43 @@ class LocalBackend:
             raise _storage_error(exc, name) from None
         if durable:
             _fsync_dir(directory)
+            if new_directory:
+                self.sync()
         else:
-            with self._lock:
-                self._dirty_dirs.add(directory)
+            self._dirty(directory)
 
     def exists(self, name: str) -> bool:
-        return os.path.exists(self._path(name))
+        return os.path.isfile(self._path(name))
 
     def delete(self, name: str) -> None:
+        path = self._path(name)
         try:
-            os.unlink(self._path(name))
+            os.unlink(path)
         except FileNotFoundError:
             raise ObjectNotFound(name) from None
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
+        self._dirty(os.path.dirname(path))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        base = self._path(prefix) if prefix else self.root
+        # walk the deepest directory that holds every name with this prefix, then filter
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._path(head) if head else self.root
         for dirpath, _dirnames, filenames in os.walk(base):
             for filename in filenames:
                 if filename.endswith(TMP_SUFFIX):
                     continue
                 full = os.path.join(dirpath, filename)
+                name = os.path.relpath(full, self.root)
+                if not name.startswith(prefix):
+                    continue
                 try:
                     st = os.stat(full)
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(os.path.relpath(full, self.root), st.st_size, st.st_mtime)
+                yield ObjectInfo(name, st.st_size, st.st_mtime)
 
-    def list_temporary(self) -> Iterator[ObjectInfo]:
-        """Leftover temporary files of interrupted writes (garbage collection removes old ones)."""
+    def list_temporary(self) -> Iterator[TemporaryInfo]:
         for dirpath, _dirnames, filenames in os.walk(self.root):
             for filename in filenames:
                 if filename.endswith(TMP_SUFFIX):
@@ -109,13 +154,33 @@ class LocalBackend:
                         st = os.stat(full)
                     except FileNotFoundError:
                         continue
-                    yield ObjectInfo(os.path.relpath(full, self.root), st.st_size, st.st_mtime)
+                    name = os.path.relpath(full, self.root)
+                    yield TemporaryInfo(name, st.st_size, st.st_mtime, _writer_gone(filename))
+
+    def prepare(self, prefixes: Iterable[str]) -> None:
+        made = {self.root}
+        try:
+            for prefix in prefixes:
+                directory = os.path.join(self.root, prefix.strip("/"))
+                os.makedirs(directory, exist_ok=True)
+                self._made_dirs.add(directory)
+                while directory not in made:
+                    made.add(directory)
+                    directory = os.path.dirname(directory)
+            for directory in sorted(made, key=len, reverse=True):
+                _fsync_dir(directory)
+            _fsync_dir(os.path.dirname(self.root))
+        except OSError as exc:
+            raise _storage_error(exc, "the repository layout") from None
 
     def stat(self, name: str) -> ObjectInfo:
+        path = self._path(name)
         try:
-            st = os.stat(self._path(name))
+            st = os.stat(path)
         except FileNotFoundError:
             raise ObjectNotFound(name) from None
+        if not os.path.isfile(path):
+            raise ObjectNotFound(name)
         return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def touch(self, name: str) -> bool:
@@ -124,20 +189,43 @@ class LocalBackend:
             return True
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise _storage_error(exc, name) from None
 
     def rename(self, name: str, new_name: str) -> None:
-        dest = self._path(new_name)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        source, dest = self._path(name), self._path(new_name)
         try:
-            os.rename(self._path(name), dest)
+            self._ensure_dir(os.path.dirname(dest))
+            os.rename(source, dest)
         except FileNotFoundError:
             raise ObjectNotFound(name) from None
+        except OSError as exc:
+            raise _storage_error(exc, new_name) from None
+        self._dirty(os.path.dirname(source))
+        self._dirty(os.path.dirname(dest))
 
     def sync(self) -> None:
         with self._lock:
             dirs, self._dirty_dirs = self._dirty_dirs, set()
-        for directory in dirs:
-            _fsync_dir(directory)
+        try:
+            for directory in sorted(dirs, key=len, reverse=True):
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise _storage_error(exc, "directory entries") from None
+
+
+def _writer_gone(filename: str) -> bool:
+    """Is the process that wrote `<object>.<pid>.<thread>.tmp` gone from this host?"""
+    parts = filename.rsplit(".", 3)
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _fsync_dir(directory: str) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from surepoint.errors import InvalidArgument, RepositoryExists, RepositoryNotFound, StorageError
-from surepoint.storage.backend import ObjectInfo, ObjectNotFound
+from surepoint.storage.backend import Backend, Capabilities, ObjectInfo, ObjectNotFound
 from surepoint.storage.cache import MetadataCache, cacheable
 from surepoint.storage.retry import GaveUp, RetryPolicy, call_with_retry
 
@@ -241,8 +241,10 @@ class _Uploads:
             self._pool.shutdown(wait=True)
 
 
-class S3Backend:
+class S3Backend(Backend):
     """Objects as S3 keys under `prefix/` in one bucket."""
+
+    capabilities = Capabilities(atomic_rename=False)  # rename copies, then deletes
 
     def __init__(self, location: str, *, settings: S3Settings | None = None, client=None) -> None:
         self.where = S3Location.parse(location)

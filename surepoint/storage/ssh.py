@@ -26,7 +26,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from surepoint.errors import InvalidArgument, RepositoryNotFound, StorageError, StorageFull, SurepointError
-from surepoint.storage.backend import ObjectInfo, ObjectNotFound
+from surepoint.storage.backend import Backend, ObjectInfo, ObjectNotFound
 
 PROTOCOL_VERSION = 1
 LENGTH = struct.Struct(">I")
@@ -145,7 +145,7 @@ def ssh_command(location: SshLocation) -> list[str]:
 # the backend -------------------------------------------------------------------------------
 
 
-class SshBackend:
+class SshBackend(Backend):
     """A repository on another host, reached through one ssh session per backend object.
 
     `append_only` is what the server announced: such a server keeps everything it has and takes

@@ -237,8 +237,9 @@ def _chunk_ids(cli, point: str) -> list[str]:
     """Chunk ids of disk 0, read through the library (the index is an envelope)."""
     code = (
         "import json,sys\n"
-        "from surepoint.repo.repository import Repository, open_backend\n"
-        "r = Repository.open(open_backend(sys.argv[1]), lambda: '')\n"
+        "from surepoint import storage\n"
+        "from surepoint.repo.repository import Repository\n"
+        "r = Repository.open(storage.open(sys.argv[1]), lambda: '')\n"
         "p = r.resolve(sys.argv[2])\n"
         "print(json.dumps([i.hex() for i in r.load_index(p, 0).ids]))\n"
     )
