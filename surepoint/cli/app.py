@@ -53,8 +53,10 @@ def _global(
     repo: RepoOption = None,
     passphrase_file: PassFileOption = None,
     catalog: CatalogOption = None,
+    server_url: server.ServerOption = None,
 ) -> None:
     ctx.obj = Context(repo, passphrase_file, catalog)
+    ctx.obj.server_url = server_url
 
 
 for module in (

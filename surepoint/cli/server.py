@@ -28,7 +28,8 @@ class ServerUnreachable(SurepointError):
 class Client:
     """A small client of the server's REST API (token from SUREPOINT_TOKEN)."""
 
-    def __init__(self, url: str | None) -> None:
+    def __init__(self, url: str | None, ctx: typer.Context | None = None) -> None:
+        url = url or getattr(getattr(ctx, "obj", None), "server_url", None)
         if not url:
             raise UsageError("no server given: pass --server URL or set SUREPOINT_SERVER")
         token = os.environ.get("SUREPOINT_TOKEN", "").strip()
@@ -108,13 +109,14 @@ def register(app: typer.Typer) -> None:
     app.add_typer(jobs_app, name="jobs")
 
     @jobs_app.command("list")
-    def jobs_list(server_url: ServerOption = None, as_json: JsonOption = False) -> None:
+    def jobs_list(ctx: typer.Context, server_url: ServerOption = None, as_json: JsonOption = False) -> None:
         """List the server's jobs with their schedules and next runs."""
-        jobs = Client(server_url).call("GET", "/jobs")
+        client = Client(server_url, ctx)
+        jobs = client.call("GET", "/jobs")
         if as_json:
             print_json(jobs)
             return
-        table = Table(title=f"jobs on {server_url}")
+        table = Table(title=f"jobs on {client.url}")
         for col in ("name", "kind", "repository", "schedule", "next run (UTC)", "enabled"):
             table.add_column(col)
         for j in jobs:
@@ -127,19 +129,22 @@ def register(app: typer.Typer) -> None:
         out.print(table)
 
     @jobs_app.command("show")
-    def jobs_show(job: Annotated[str, typer.Argument(help="Job name or id.")], server_url: ServerOption = None) -> None:
+    def jobs_show(
+        ctx: typer.Context, job: Annotated[str, typer.Argument(help="Job name or id.")], server_url: ServerOption = None
+    ) -> None:
         """Show one job in full (JSON)."""
-        print_json(Client(server_url).call("GET", f"/jobs/{_quote(job)}"))
+        print_json(Client(server_url, ctx).call("GET", f"/jobs/{_quote(job)}"))
 
     @jobs_app.command("run")
     def jobs_run(
+        ctx: typer.Context,
         job: Annotated[str, typer.Argument(help="Job name or id.")],
         server_url: ServerOption = None,
         wait: Annotated[bool, typer.Option("--wait", help="Wait for the session and follow its log.")] = False,
         as_json: JsonOption = False,
     ) -> None:
         """Start a job now (refused while it is already running); with --wait, exit 1 unless it succeeded."""
-        client = Client(server_url)
+        client = Client(server_url, ctx)
         started = client.call("POST", f"/jobs/{_quote(job)}/run")
         if not wait:
             if as_json:
@@ -158,6 +163,7 @@ def register(app: typer.Typer) -> None:
 
     @sessions_app.command("list")
     def sessions_list(
+        ctx: typer.Context,
         server_url: ServerOption = None,
         job: Annotated[str | None, typer.Option(help="Only sessions of this job.")] = None,
         limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
@@ -165,11 +171,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List recent sessions, newest first."""
         params = {"limit": limit, **({"job": job} if job else {})}
-        rows = Client(server_url).call("GET", "/sessions", params=params)
+        client = Client(server_url, ctx)
+        rows = client.call("GET", "/sessions", params=params)
         if as_json:
             print_json(rows)
             return
-        table = Table(title=f"sessions on {server_url}")
+        table = Table(title=f"sessions on {client.url}")
         for col in ("id", "job", "state", "started (UTC)", "ended", "read", "stored", "message"):
             table.add_column(col)
         for s in rows:
@@ -187,12 +194,13 @@ def register(app: typer.Typer) -> None:
 
     @sessions_app.command("show")
     def sessions_show(
+        ctx: typer.Context,
         session_id: Annotated[int, typer.Argument(help="Session id.", min=1)],
         server_url: ServerOption = None,
         log: Annotated[bool, typer.Option("--log", help="Also print its log.")] = False,
     ) -> None:
         """Show a session (JSON), and with --log its log lines."""
-        client = Client(server_url)
+        client = Client(server_url, ctx)
         print_json(client.call("GET", f"/sessions/{session_id}"))
         if log:
             for line in client.call("GET", f"/sessions/{session_id}/log", params={"limit": 10000})["lines"]:
@@ -200,10 +208,12 @@ def register(app: typer.Typer) -> None:
 
     @sessions_app.command("cancel")
     def sessions_cancel(
-        session_id: Annotated[int, typer.Argument(help="Session id.", min=1)], server_url: ServerOption = None
+        ctx: typer.Context,
+        session_id: Annotated[int, typer.Argument(help="Session id.", min=1)],
+        server_url: ServerOption = None,
     ) -> None:
         """Cancel a queued or running session."""
-        result = Client(server_url).call("POST", f"/sessions/{session_id}/cancel")
+        result = Client(server_url, ctx).call("POST", f"/sessions/{session_id}/cancel")
         out.print(f"session {session_id}: {result['state']}")
 
     def _follow(client: Client, session_id: int, quiet: bool) -> dict:

@@ -154,7 +154,8 @@ class Executor:
     def recover_interrupted(self) -> list[int]:
         """At start: sessions a dead server left running are failed (interrupted); their leftovers stopped."""
         rows = self.db.query(
-            "SELECT id, pid, pid_start FROM sessions WHERE state = 'running' AND host = ?", (self.host,)
+            "SELECT id, pid, pid_start FROM sessions WHERE state IN ('starting', 'running') AND host IN (?, '')",
+            (self.host,),
         )
         for row in rows:
             pid, start = row["pid"], row["pid_start"]
