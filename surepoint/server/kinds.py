@@ -196,9 +196,16 @@ def parse_spec(kind: str, data: dict) -> Spec:
         raise UsageError(f"{kind} spec: {describe_validation(exc.errors())}") from None
 
 
+def _printable(text: object, limit: int = 60) -> str:
+    """One line, whatever a client sent: control characters escaped, long names cut."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
 def describe_validation(errors: list) -> str:
+    """The first problems pydantic found, as one line: `field.sub: message; ...`."""
     parts = []
     for e in errors[:3]:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "request"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        where = ".".join(_printable(x) for x in e.get("loc", ()) if x != "body") or "request"
+        parts.append(f"{where}: {_printable(e.get('msg', 'invalid'), 200)}")
     return "; ".join(parts)
