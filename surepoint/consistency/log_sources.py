@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from surepoint.consistency.mariadb import MariaDBWriter, _quote
 from surepoint.consistency.runner import CommandFailed, CommandRunner
+from surepoint.timestamps import format_utc
 
 WAL_FILE = re.compile(r"^[0-9A-F]{24}(\.[0-9A-F]{8}\.backup)?$|^[0-9A-F]{8}\.history$")
 
@@ -27,7 +28,7 @@ class ClosedLog:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_utc(datetime.fromtimestamp(ts, UTC))
 
 
 class WalArchive:

@@ -10,7 +10,7 @@ import itertools
 
 from surepoint.consistency.runner import CommandFailed, Session
 from surepoint.consistency.writer import Component, PruneReport, Writer
-from surepoint.repo.repository import utc_now
+from surepoint.timestamps import utc_now
 
 _markers = itertools.count(1)
 

@@ -13,7 +13,7 @@ import re
 
 from surepoint.consistency.runner import CommandFailed, Session
 from surepoint.consistency.writer import Component, PruneReport, Writer
-from surepoint.repo.repository import utc_now
+from surepoint.timestamps import utc_now
 
 _markers = itertools.count(1)
 START_WAL = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")

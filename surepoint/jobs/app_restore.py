@@ -21,9 +21,11 @@ from surepoint.consistency.restore import RestoreReport, RestoreRequest, run_res
 from surepoint.consistency.restore_registry import RESTORE_WRITERS
 from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.errors import RestorePointNotFound, SurepointError, UsageError
+from surepoint.events import EventRecorder
 from surepoint.repo.logstore import LogRecord, LogStore
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
+from surepoint.timestamps import parse_utc
 
 
 class PointInTimeError(UsageError):
@@ -73,11 +75,6 @@ def snapshot_time(point: RestorePoint, writer: str) -> datetime:
     """A moment at or after the point's snapshot: the writer's record of it, else the commit time."""
     meta = (point.metadata.get("writers") or {}).get(writer) or {}
     return parse_utc(meta.get("snapshot_time") or point.created)
-
-
-def parse_utc(text: str) -> datetime:
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def writer_metadata(point: RestorePoint, writer: str) -> dict:
@@ -208,8 +205,10 @@ def restore_application(
     if options.at is not None:
         records = logs_for(store, point, options.writer, options.at)
 
+    recorder = EventRecorder(catalog, repository.id, point.id, point.name)
+
     def event(component: str, phase: str, outcome: str, message: str = "") -> None:
-        catalog.add_event(repository.id, component, phase, outcome, message, restore_point=point.id, source=point.name)
+        recorder(component, phase, outcome, message)
         say(f"{component} {phase}: {outcome} {message}".rstrip())
 
     what = f"restore of {options.writer} from {point.id} to {options.target}"

@@ -25,6 +25,7 @@ from surepoint.consistency.restore import find_in_point, owner_of
 from surepoint.consistency.restore_postgresql import cluster_major, pg_bin
 from surepoint.consistency.runner import one_line
 from surepoint.errors import SurepointError, UsageError
+from surepoint.events import EventRecorder
 from surepoint.jobs.app_restore import mounted_point, writer_metadata
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
@@ -311,4 +312,4 @@ def _literal(text: str) -> str:
 
 def record(catalog: Catalog, repository: Repository, point: RestorePoint, outcome: str, message: str) -> None:
     with contextlib.suppress(Exception):
-        catalog.add_event(repository.id, "explore", "export", outcome, message, restore_point=point.id)
+        EventRecorder(catalog, repository.id, point.id, point.name)("explore", "export", outcome, message)

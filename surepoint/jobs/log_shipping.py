@@ -15,6 +15,7 @@ from surepoint.catalog import Catalog
 from surepoint.consistency.log_sources import LOG_SOURCES
 from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.errors import SurepointError, UsageError
+from surepoint.events import EventRecorder
 from surepoint.jobs.config import JobConfig
 from surepoint.repo.locks import repository_lock
 from surepoint.repo.logstore import LogStore
@@ -63,8 +64,10 @@ def ship_logs(
     store = LogStore(repository)
     reports = []
 
+    recorder = EventRecorder(catalog, repository.id, source=job.name)
+
     def event(component: str, outcome: str, message: str) -> None:
-        catalog.add_event(repository.id, component, "ship-logs", outcome, message, source=job.name)
+        recorder(component, "ship-logs", outcome, message)
         say(f"{component} ship-logs: {outcome} {message}")
 
     with repository_lock(repository.backend, "backup"):

@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import DamagedData
 from surepoint.repo.envelope import KIND_RECORD
-from surepoint.repo.repository import Repository, utc_now
+from surepoint.repo.repository import Repository
 from surepoint.storage.backend import ObjectNotFound
+from surepoint.timestamps import utc_now
 
 LOG_PREFIX = "logs/"
 
