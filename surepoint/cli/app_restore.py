@@ -165,22 +165,29 @@ def register(app: typer.Typer) -> None:
     @app.command("explore")
     def explore(
         ctx: typer.Context,
-        writer: Annotated[str, typer.Argument(help="postgresql.")],
+        writer: Annotated[str, typer.Argument(help="postgresql, mariadb or sqlite.")],
         restore_point: Annotated[str, typer.Argument(help="Id, id prefix, NAME or NAME:latest.")],
         list_items: Annotated[bool, typer.Option("--list", help="List the databases and tables.")] = False,
         export: Annotated[
-            str | None, typer.Option("--export", help="DB (pg_dump custom format), DB.TABLE or DB.SCHEMA.TABLE.")
+            str | None, typer.Option("--export", help="DB, DB.TABLE or (PostgreSQL) DB.SCHEMA.TABLE.")
         ] = None,
         where: Annotated[str | None, typer.Option("--where", help="Only the rows matching this SQL condition.")] = None,
         to: Annotated[str | None, typer.Option("--to", help="File to write the export to.")] = None,
-        fmt: Annotated[str, typer.Option("--format", help="csv (a table, with a header) or custom (pg_dump).")] = "csv",
+        fmt: Annotated[
+            str | None,
+            typer.Option(
+                "--format",
+                help="A table: csv (default) or custom (PostgreSQL pg_dump) / sql (MariaDB). A database: custom "
+                "(PostgreSQL), sql (MariaDB), sqlite (SQLite).",
+            ),
+        ] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing --to file.")] = False,
         as_json: JsonOption = False,
     ) -> None:
         """Pull databases, tables or rows out of a restore point without restoring it.
 
-        A throw-away PostgreSQL of the cluster's version starts on a writable overlay of the point's
-        data directory, read through a read-only mount of the restore point (never written), and is
+        A throw-away server of the application starts on a writable overlay of the point's data
+        directory, read through a read-only mount of the restore point (never written), and is
         removed afterwards. The time to the first exported row is reported.
         """
         import os
@@ -188,40 +195,37 @@ def register(app: typer.Typer) -> None:
 
         from rich.table import Table
 
-        from surepoint.jobs.explore import ExportResult, explore_postgres, export_item, list_tables, record
+        from surepoint.jobs.explore import ExportResult, open_explorer, record
+        from surepoint.jobs.explore import export as export_item
 
         started = time.monotonic()
-        if writer != "postgresql":
-            raise UsageError(f"explore knows postgresql so far, not {writer!r}")
         if list_items == bool(export):
             raise UsageError("give --list, or --export ITEM --to FILE")
         if export and not to:
             raise UsageError("--export needs --to FILE")
-        if fmt not in ("csv", "custom"):
-            raise UsageError(f"--format must be csv or custom, not {fmt!r}")
         if to and os.path.exists(to) and not overwrite:
             raise UsageError(f"{to} exists: pass --overwrite to replace it")
         c: Context = ctx.obj
         repo = c.open_repository()
         point = repo.latest_named(restore_point) or repo.resolve(restore_point)
         say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
-        with explore_postgres(repo, point, say) as server:
+        with open_explorer(writer, repo, point, say) as explorer:
             ready = time.monotonic() - started
             if list_items:
-                tables = list_tables(server)
+                tables = explorer.list_tables()
                 if as_json:
                     print_json([t.__dict__ for t in tables])
                     return
-                table = Table(title=f"restore point {point.id} ({point.name}): PostgreSQL {server.major}")
-                for col in ("database", "table", "rows (estimate)", "size"):
+                table = Table(title=f"restore point {point.id} ({point.name}): {explorer.title}")
+                for col in ("database", "table", "rows", "size"):
                     table.add_column(col)
                 for t in tables:
                     table.add_row(t.database, t.table, str(t.rows) if t.rows >= 0 else "?", str(t.bytes))
                 out.print(table)
                 return
-            result = ExportResult(point, export, os.path.abspath(to), fmt, timings={"server_ready": ready})
+            result = ExportResult(point, export, os.path.abspath(to), fmt or "", timings={"server_ready": ready})
             try:
-                export_item(server, export, to, where=where, fmt=fmt, started=started, result=result)
+                export_item(explorer, export, to, where=where, fmt=fmt, started=started, result=result)
             except Exception as exc:
                 record(c.catalog(), repo, point, "failed", f"{export}: {exc}")
                 raise
@@ -234,7 +238,7 @@ def register(app: typer.Typer) -> None:
             return
         first = f", first row after {result.first_row_seconds:.1f} s" if result.first_row_seconds is not None else ""
         out.print(
-            f"exported {export} from {point.id} to {result.target}: "
-            + (f"{result.rows} rows" if fmt == "csv" else f"{result.bytes} bytes")
+            f"exported {export} from {point.id} to {result.target} ({result.format}): "
+            + (f"{result.rows} rows" if result.format == "csv" else f"{result.bytes} bytes")
             + f"{first}, {result.seconds:.1f} s in all"
         )

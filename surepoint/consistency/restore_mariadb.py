@@ -103,7 +103,7 @@ class MariaDBRestore(RestoreWriter):
             "--innodb-buffer-pool-size=64M",
         ]  # fmt: skip
         argv += [f"--port={request.port}", "--bind-address=127.0.0.1"] if request.port else ["--skip-networking"]
-        argv += self._binlog_options(request.metadata, target)
+        argv += binlog_options(request.metadata, target)
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
@@ -126,21 +126,6 @@ class MariaDBRestore(RestoreWriter):
         ).check()
         notes.append(f"{schemas.stdout.strip()} schemas answer")
         return "; ".join(notes)
-
-    def _binlog_options(self, metadata: dict, target: str) -> list[str]:
-        """Binary logging as at the backup, so InnoDB crash recovery can settle prepared transactions.
-
-        A transaction prepared in InnoDB but not yet committed at the snapshot is committed if it
-        reached the binary log and rolled back if not; without the binary log the server refuses to
-        start. Logs outside the data directory are not in the restore: such transactions are rolled
-        back (they had not committed when the read lock was taken).
-        """
-        basename, datadir = metadata.get("binlog_basename") or "", (metadata.get("datadir") or "").rstrip("/")
-        if not metadata.get("log_bin"):
-            return []
-        if datadir and basename.startswith(datadir + "/"):
-            return [f"--log-bin={os.path.join(target, basename[len(datadir) + 1 :])}", "--server-id=1"]
-        return ["--tc-heuristic-recover=ROLLBACK"]
 
     def _replay(self, request: RestoreRequest) -> str:
         position = request.metadata.get("binlog_position")
@@ -168,3 +153,19 @@ class MariaDBRestore(RestoreWriter):
             f"replayed {len(files)} binary log(s) from {request.log_files[0]}:{position} "
             f"up to {binlog_time(request.at)} UTC"
         )
+
+
+def binlog_options(metadata: dict, target: str) -> list[str]:
+    """Binary logging as at the backup, so InnoDB crash recovery can settle prepared transactions.
+
+    A transaction prepared in InnoDB but not yet committed at the snapshot is committed if it
+    reached the binary log and rolled back if not; without the binary log the server refuses to
+    start. Logs outside the data directory are not in the restore: such transactions are rolled
+    back (they had not committed when the read lock was taken).
+    """
+    basename, datadir = metadata.get("binlog_basename") or "", (metadata.get("datadir") or "").rstrip("/")
+    if not metadata.get("log_bin"):
+        return []
+    if datadir and basename.startswith(datadir + "/"):
+        return [f"--log-bin={os.path.join(target, basename[len(datadir) + 1 :])}", "--server-id=1"]
+    return ["--tc-heuristic-recover=ROLLBACK"]

@@ -1,28 +1,29 @@
-"""Item-level recovery: one database, table or set of rows out of a restore point, without restoring it.
+"""Item-level recovery: databases, tables or rows out of a restore point, without restoring it.
 
-The restore point is mounted read-only (surepoint/mount: chunks are read on demand), the data
-directory found there becomes the lower layer of an overlay whose upper layer is a private
-temporary directory, and a throw-away PostgreSQL of the cluster's major version starts on the
-overlay: its crash recovery writes only to the upper layer, the restore point is never written.
-It listens on a private unix socket only, answers read-only transactions, and is stopped and
-removed with the overlay when the command ends.
+The restore point is mounted read-only (surepoint/mount: chunks are read on demand); the
+application's files found there become the lower layer of an overlay whose upper layer is a
+private temporary directory, and a throw-away server of the application (PostgreSQL of the
+cluster's major version, mariadbd) starts on the overlay: its crash recovery writes only to the
+upper layer, the restore point is never written. It listens on a private unix socket only and is
+stopped and removed with the overlay when the command ends. SQLite needs no server: the database
+is opened on the overlay. Exports go to a temporary name (mode 0600), renamed when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from surepoint.catalog import Catalog
-from surepoint.consistency.restore import find_in_point, owner_of
-from surepoint.consistency.restore_postgresql import cluster_major, pg_bin
 from surepoint.consistency.runner import one_line
 from surepoint.errors import SurepointError, UsageError
 from surepoint.events import EventRecorder
@@ -40,8 +41,8 @@ class ExploreError(SurepointError):
 @dataclass
 class TableInfo:
     database: str
-    table: str  # schema.table
-    rows: int  # the planner's estimate (pg_class.reltuples), -1 when never analysed
+    table: str
+    rows: int  # an estimate for servers (-1: never analysed), exact for SQLite
     bytes: int
 
 
@@ -71,6 +72,16 @@ class ExportResult:
         }
 
 
+class Explorer(Protocol):
+    title: str  # what answers, e.g. "PostgreSQL 15"
+    table_formats: tuple[str, ...]  # the first is the default for a table
+    database_formats: tuple[str, ...]  # the first is the default for a whole database
+
+    def list_tables(self) -> list[TableInfo]: ...
+
+    def export(self, item: str, tmp: str, *, where: str | None, fmt: str, sink: ExportSink) -> None: ...
+
+
 def split_item(item: str) -> tuple[str, str | None, str | None]:
     """DB, DB.TABLE or DB.SCHEMA.TABLE -> (database, schema, table)."""
     parts = item.split(".")
@@ -83,231 +94,188 @@ def split_item(item: str) -> tuple[str, str | None, str | None]:
     return parts[0], parts[1], parts[2]
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def owner_ids(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid
 
 
-class ThrowawayPostgres:
-    """A PostgreSQL server on a writable overlay of a read-only data directory."""
+class Overlay:
+    """A writable view of a read-only directory: changes land in a private upper layer, all removed at the end.
 
-    def __init__(self, data_dir: str) -> None:
-        self.lower = data_dir
-        self.major = cluster_major(data_dir)
-        if not os.path.exists(pg_bin(self.major, "postgres")):
-            raise ExploreError(
-                f"the restore point holds a PostgreSQL {self.major} cluster and PostgreSQL {self.major} is not "
-                f"installed here ({pg_bin(self.major, 'postgres')} is missing)"
-            )
-        self.user, self.uid, self.gid = owner_of(data_dir)
-        self.proc: subprocess.Popen | None = None
+    `scratch` is a private directory beside it for sockets, logs and settings; both belong to
+    `uid`, the user the throw-away server runs as.
+    """
 
-    def _as_owner(self) -> dict:
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+    def __init__(self, lower: str, uid: int, gid: int) -> None:
+        self.lower, self.uid, self.gid = lower, uid, gid
+        self.mounted = False
 
-    def __enter__(self) -> ThrowawayPostgres:
+    def __enter__(self) -> Overlay:
         self.dir = tempfile.mkdtemp(prefix="surepoint-explore-")
         os.chmod(self.dir, 0o711)  # the server's user passes through to its own private directories
         try:
-            self._start()
+            upper, work, self.path, self.scratch = (
+                os.path.join(self.dir, d) for d in ("upper", "work", "data", "scratch")
+            )
+            for d in (upper, work, self.path, self.scratch):
+                os.mkdir(d, 0o700)
+                os.chown(d, self.uid, self.gid)
+            options = f"lowerdir={self.lower},upperdir={upper},workdir={work}"
+            mounted = subprocess.run(
+                ["mount", "-t", "overlay", "overlay", "-o", options, self.path], capture_output=True, text=True
+            )
+            if mounted.returncode != 0:
+                raise ExploreError(f"cannot make a writable overlay of {self.lower}: {one_line(mounted.stderr)}")
+            self.mounted = True
         except BaseException:
-            self.__exit__(None, None, None)
+            self.__exit__()
             raise
         return self
 
-    def _start(self) -> None:
-        upper, work, self.data = (os.path.join(self.dir, d) for d in ("upper", "work", "data"))
-        self.socket_dir = os.path.join(self.dir, "socket")
-        for d in (upper, work, self.data, self.socket_dir):
-            os.mkdir(d, 0o700)
-            os.chown(d, self.uid, self.gid)
-        options = f"lowerdir={self.lower},upperdir={upper},workdir={work}"
-        mounted = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, self.data], capture_output=True, text=True
-        )
-        if mounted.returncode != 0:
-            raise ExploreError(f"cannot make a writable overlay of {self.lower}: {one_line(mounted.stderr)}")
-        self.mounted = True
-        # The pid file names the source's postmaster; removing it here only whites it out in the upper layer.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.data, "postmaster.pid"))
-        self.log = os.path.join(self.dir, "postgres.log")
-        # Only this host's root reaches the private socket: trust it, whatever the source cluster required.
-        hba = os.path.join(self.dir, "pg_hba.conf")
-        with open(hba, "w") as f:
-            f.write("local all all trust\n")
-        os.chown(hba, self.uid, self.gid)
-        self.port = 5432
-        argv = [
-            pg_bin(self.major, "postgres"), "-D", self.data, "-c", "listen_addresses=", "-c", f"port={self.port}",
-            "-c", f"unix_socket_directories={self.socket_dir}", "-c", "archive_mode=off", "-c", f"hba_file={hba}",
-            "-c", "logging_collector=off",
-            "-c", "shared_preload_libraries=", "-c", "max_connections=10", "-c", "fsync=off",
-        ]  # fmt: skip
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, **self._as_owner()
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            ready = subprocess.run(
-                [pg_bin(self.major, "pg_isready"), "-q", "-h", self.socket_dir, "-p", str(self.port)],
-                capture_output=True,
-            )
-            if ready.returncode == 0:
-                return
-            if self.proc.poll() is not None:
-                raise ExploreError(f"the throw-away PostgreSQL exited: {self._log_tail()}")
-            if time.monotonic() > deadline:
-                raise ExploreError(f"the throw-away PostgreSQL did not start within {START_TIMEOUT:.0f} s")
-            time.sleep(0.1)
-
-    def _log_tail(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                lines = [line for line in f.read().splitlines() if line.strip()]
-        except OSError:
-            return ""
-        fatal = [line for line in lines if "FATAL" in line or "PANIC" in line]
-        return one_line((fatal or lines or ["(no log)"])[-1])[-300:]
-
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # immediate: nothing of this server is kept
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        mounted = getattr(self, "mounted", False)
-        if mounted and subprocess.run(["umount", self.data], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", self.data], capture_output=True)
+        if self.mounted and subprocess.run(["umount", self.path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", self.path], capture_output=True)
+        self.mounted = False
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "PGHOST": self.socket_dir,
-            "PGPORT": str(self.port),
-            "PGUSER": self.user,
-            "PGCONNECT_TIMEOUT": "10",
-            "PGOPTIONS": "-c default_transaction_read_only=on",
-        }
 
-    def psql(self, database: str, sql: str) -> list[list[str]]:
-        argv = [pg_bin(self.major, "psql"), "-X", "-w", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1",
-                "-d", database, "-c", sql]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, env=self.env(), timeout=300, **self._as_owner())
-        if result.returncode != 0:
-            raise ExploreError(one_line(result.stderr) or f"psql exited with {result.returncode}")
-        return [line.split("\t") for line in result.stdout.splitlines() if line]
-
-    def databases(self) -> list[str]:
-        rows = self.psql("postgres", "SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")
-        return [r[0] for r in rows]
-
-
-def _data_dir(point: RestorePoint, roots: list[str]) -> str:
-    meta = writer_metadata(point, "postgresql")
-    return find_in_point(roots, meta.get("data_directory", ""), "PG_VERSION")
-
-
-@contextlib.contextmanager
-def explore_postgres(repository: Repository, point: RestorePoint, say: Callable[[str], None]) -> Iterator:
-    writer_metadata(point, "postgresql")
-    with mounted_point(repository, point, say) as roots, ThrowawayPostgres(_data_dir(point, roots)) as server:
-        yield server
-
-
-def list_tables(server: ThrowawayPostgres) -> list[TableInfo]:
-    tables = []
-    for db in server.databases():
-        rows = server.psql(
-            db,
-            "SELECT n.nspname || '.' || c.relname, c.reltuples::bigint, pg_total_relation_size(c.oid)"
-            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
-            " AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1",
-        )
-        tables += [TableInfo(db, name, int(rows_), int(size)) for name, rows_, size in rows]
-    return tables
-
-
-def export_item(
-    server: ThrowawayPostgres,
-    item: str,
-    target: str,
-    *,
-    where: str | None,
-    fmt: str,
-    started: float,
-    result: ExportResult,
+def wait_until_ready(
+    name: str, proc: subprocess.Popen, ready: Callable[[], bool], log: str, timeout: float = START_TIMEOUT
 ) -> None:
-    """Export DB (pg_dump custom format) or DB[.SCHEMA].TABLE (CSV with a header, or pg_dump custom)."""
-    database, schema, table = split_item(item)
-    if database not in server.databases():
-        raise ExploreError(f"database {database!r} is not in the restore point")
-    if table is None and where:
-        raise UsageError("--where needs a table: DB.TABLE")
-    if table is not None:
-        found = server.psql(
-            database,
-            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname = "
-            + _literal(table)
-            + (f" AND n.nspname = {_literal(schema)}" if schema else " AND n.nspname = ANY (current_schemas(false))")
-            + " AND c.relkind IN ('r', 'p', 'v', 'm')",
-        )
-        if not found:
-            raise ExploreError(f"table {item.split('.', 1)[1]!r} is not in database {database!r} of the restore point")
-        schema = found[0][0]
-    tmp = f"{target}.surepoint-partial"
-    if fmt == "csv" and table is not None:
-        select = f"SELECT * FROM {quote_ident(schema)}.{quote_ident(table)}" + (f" WHERE {where}" if where else "")
-        argv = [pg_bin(server.major, "psql"), "-X", "-w", "-v", "ON_ERROR_STOP=1", "-d", database,
-                "-c", f"COPY ({select}) TO STDOUT WITH (FORMAT csv, HEADER)"]  # fmt: skip
-        _stream(argv, server, tmp, started, result, rows=True)
-    else:
-        if where:
-            raise UsageError("--where works with --format csv only")
-        argv = [pg_bin(server.major, "pg_dump"), "-w", "-Fc", "-d", database]
-        if table is not None:
-            argv += ["-t", f"{quote_ident(schema)}.{quote_ident(table)}"]
-        _stream(argv, server, tmp, started, result, rows=False)
-    os.replace(tmp, target)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise ExploreError(f"the throw-away {name} exited: {log_tail(log)}")
+        if time.monotonic() > deadline:
+            raise ExploreError(f"the throw-away {name} did not start within {timeout:.0f} s: {log_tail(log)}")
+        time.sleep(0.1)
 
 
-def _stream(
-    argv: list[str], server: ThrowawayPostgres, tmp: str, started: float, result: ExportResult, *, rows: bool
-) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def log_tail(log: str) -> str:
     try:
+        with open(log, errors="replace") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except OSError:
+        return ""
+    severe = [line for line in lines if any(w in line for w in ("FATAL", "PANIC", "ERROR"))]
+    return one_line((severe or lines or ["(no log)"])[-1])[-300:]
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class ExportSink:
+    """Counts what an export writes and notes when its first row arrived."""
+
+    def __init__(self, started: float, result: ExportResult) -> None:
+        self.started, self.result = started, result
+
+    def first_row(self) -> None:
+        if self.result.first_row_seconds is None:
+            self.result.first_row_seconds = time.monotonic() - self.started
+
+    def stream(self, argv: list[str], tmp: str, *, env: dict, owner: dict, csv_lines: bool) -> None:
+        """Copy a command's output to `tmp`; with csv_lines, the first line is a header, then a row per line."""
+        lines = 0
         with (
-            os.fdopen(fd, "wb") as out,
-            subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server.env(), **server._as_owner()
-            ) as proc,
+            open_private(tmp) as out,
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **owner) as proc,
         ):
-            lines = 0
             for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
                 out.write(chunk)
-                result.bytes += len(chunk)
-                if rows:
-                    lines += chunk.count(b"\n")
-                if result.first_row_seconds is None and (lines >= 2 or not rows):
-                    result.first_row_seconds = time.monotonic() - started
+                self.result.bytes += len(chunk)
+                lines += chunk.count(b"\n")
+                if lines >= 2 or not csv_lines:
+                    self.first_row()
             err = proc.stderr.read().decode(errors="replace")
             proc.wait()
         if proc.returncode != 0:
             raise ExploreError(f"export failed: {one_line(err)}")
-        # CSV: a header line, then one line per row (quoted newlines inside values are rare in exports)
-        result.rows = max(lines - 1, 0) if rows else 0
+        if csv_lines:  # quoted newlines inside values would count twice; exports rarely hold them
+            self.result.rows = max(lines - 1, 0)
+
+    def write_csv(self, header: list[str], rows: Iterable[list], tmp: str) -> None:
+        with open_private(tmp) as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            writer = csv.writer(text)
+            writer.writerow(header)
+            for row in rows:
+                writer.writerow(row)
+                self.result.rows += 1
+                if self.result.rows == 1:
+                    text.flush()
+                    self.first_row()
+            text.flush()
+            self.result.bytes = raw.tell()
+            text.detach()
+
+
+@contextlib.contextmanager
+def open_private(path: str) -> Iterator:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        yield f
+
+
+def quote_ident(name: str, quote: str = '"') -> str:
+    return quote + name.replace(quote, quote * 2) + quote
+
+
+def sql_literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+@contextlib.contextmanager
+def open_explorer(
+    writer: str, repository: Repository, point: RestorePoint, say: Callable[[str], None]
+) -> Iterator[Explorer]:
+    """The point mounted, an overlay of the application's files, the throw-away server: an Explorer."""
+    from surepoint.jobs.explore_mariadb import MariaDBExplorer
+    from surepoint.jobs.explore_postgresql import PostgresExplorer
+    from surepoint.jobs.explore_sqlite import SqliteExplorer
+
+    explorers = {"postgresql": PostgresExplorer, "mariadb": MariaDBExplorer, "sqlite": SqliteExplorer}
+    if writer not in explorers:
+        raise UsageError(f"explore knows {', '.join(explorers)}, not {writer!r}")
+    metadata = writer_metadata(point, writer)
+    with mounted_point(repository, point, say) as roots, explorers[writer](roots, metadata) as explorer:
+        yield explorer
+
+
+def export(
+    explorer: Explorer,
+    item: str,
+    target: str,
+    *,
+    where: str | None,
+    fmt: str | None,
+    started: float,
+    result: ExportResult,
+) -> None:
+    _, _, table = split_item(item)
+    formats = explorer.table_formats if table else explorer.database_formats
+    fmt = fmt or formats[0]
+    if fmt not in formats:
+        what = "a table" if table else "a whole database"
+        raise UsageError(f"{explorer.title}: {what} exports as {' or '.join(formats)}, not {fmt!r}")
+    if where and not table:
+        raise UsageError("--where needs a table: DB.TABLE")
+    result.format = fmt
+    tmp = f"{target}.surepoint-partial"
+    try:
+        explorer.export(item, tmp, where=where, fmt=fmt, sink=ExportSink(started, result))
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def record(catalog: Catalog, repository: Repository, point: RestorePoint, outcome: str, message: str) -> None:
