@@ -46,6 +46,7 @@ def _open(location: str, passphrase, side: str, where: str):
     try:
         return Repository.open(backend, passphrase)
     except WrongPassphrase:
+        backend.close()
         raise WrongPassphrase(f"wrong passphrase for the {side} repository {location} (from {where})") from None
 
 
@@ -94,21 +95,23 @@ def register(app: typer.Typer) -> None:
             workers=workers,
         )
         source_repo = _open(source, lambda: _source_passphrase(source), "source", f"{FROM_PASSPHRASE}(_FILE)")
-        target_repo = _open(target, c.passphrase, "target", "SUREPOINT_PASSPHRASE or --passphrase-file")
-        with _Bar(err, byte_progress) as bar:
-            result = copy_restore_points(
-                source_repo,
-                target_repo,
-                c.catalog(),
-                options,
-                log=lambda m: err.print(f"  {m}"),
-                progress=bar.advance,
-                on_plan=bar.start,
-            )
-        for repo in (source_repo, target_repo):
-            close = getattr(repo.backend, "close", None)
-            if close:
-                close()
+        try:
+            target_repo = _open(target, c.passphrase, "target", "SUREPOINT_PASSPHRASE or --passphrase-file")
+            try:
+                with _Bar(err, byte_progress) as bar:
+                    result = copy_restore_points(
+                        source_repo,
+                        target_repo,
+                        c.catalog(),
+                        options,
+                        log=lambda m: err.print(f"  {m}"),
+                        progress=bar.advance,
+                        on_plan=bar.start,
+                    )
+            finally:
+                target_repo.backend.close()
+        finally:
+            source_repo.backend.close()
         if as_json:
             data = asdict(result)
             data.update(sent_bytes=result.sent_bytes, sent_chunks=result.sent_chunks)

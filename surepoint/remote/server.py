@@ -15,11 +15,12 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-from surepoint.errors import StorageFull, SurepointError
+from surepoint.errors import RepositoryExists, RepositoryNotFound, StorageFull, SurepointError
 from surepoint.storage.backend import ObjectNotFound
-from surepoint.storage.local import TMP_SUFFIX, LocalBackend
+from surepoint.storage.local import TMP_SUFFIX, LocalBackend, open_local
 from surepoint.storage.ssh import (
     BAD_REQUEST,
+    EXISTS,
     FAILED,
     LIST_PAGE,
     NOT_FOUND,
@@ -61,18 +62,10 @@ class Session:
     def hello(self, request: dict) -> dict:
         if request.get("version") != PROTOCOL_VERSION:
             raise BadRequest(f"protocol version {request.get('version')!r} is not supported (server speaks 1)")
-        if request.get("create"):
-            if os.path.exists(os.path.join(self.root, CONFIG)):
-                raise Refused(f"a repository already exists at {self.root}")
-            if os.path.isdir(self.root) and os.listdir(self.root):
-                raise Refused(f"{self.root} exists and is not empty: choose a new or empty directory")
-            try:
-                os.makedirs(self.root, exist_ok=True)
-            except OSError as exc:
-                raise SurepointError(f"cannot create repository directory {self.root}: {exc.strerror}") from None
-        elif not os.path.isdir(self.root):
-            raise ObjectNotFound(self.root)
-        self.backend = LocalBackend(self.root)
+        try:
+            self.backend = open_local(self.root, create=bool(request.get("create")))
+        except RepositoryNotFound:
+            raise ObjectNotFound(self.root) from None
         return {"version": PROTOCOL_VERSION, "append_only": self.append_only, "root": self.root}
 
     # requests --------------------------------------------------------------------------
@@ -109,6 +102,16 @@ class Session:
     def op_touch(self, request: dict, _body: bytes) -> tuple[dict, bytes]:
         # Allowed in both modes: a newer mtime only makes garbage collection keep an object longer.
         return {"exists": self.backend.touch(self._name(request))}, b""
+
+    def op_prepare(self, request: dict, _body: bytes) -> tuple[dict, bytes]:
+        # Allowed in both modes: it only makes directories.
+        prefixes = request.get("prefixes")
+        if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+            raise BadRequest("prepare needs a list of prefixes")
+        for prefix in prefixes:
+            self._name({"name": prefix.rstrip("/")})
+        self.backend.prepare(prefixes)
+        return {}, b""
 
     def op_sync(self, _request: dict, _body: bytes) -> tuple[dict, bytes]:
         self.backend.sync()
@@ -218,6 +221,8 @@ def _fsync_dir(directory: str) -> None:
 def _error_reply(exc: BaseException) -> dict:
     if isinstance(exc, ObjectNotFound):
         return {"ok": False, "error": NOT_FOUND, "message": str(exc)}
+    if isinstance(exc, RepositoryExists):
+        return {"ok": False, "error": EXISTS, "message": str(exc)}
     if isinstance(exc, Refused):
         return {"ok": False, "error": REFUSED, "message": str(exc)}
     if isinstance(exc, StorageFull):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from surepoint.errors import DamagedData, UnreadableRestorePoints
+from surepoint.errors import DamagedData, StorageError, UnreadableRestorePoints
 from surepoint.repo import logstore
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
@@ -49,6 +49,8 @@ def collect_garbage(
     say = log or (lambda _m: None)
     backend = repository.backend
     result = GcResult(dry_run=dry_run)
+    if backend.capabilities.append_only and not dry_run:
+        raise StorageError(f"{backend.location} is append-only: garbage collection runs on the server that holds it")
     with repository_lock(backend, "gc"):
         remove_stale_locks(backend)
         started = time.time()

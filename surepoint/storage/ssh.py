@@ -20,13 +20,20 @@ import struct
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from surepoint.errors import InvalidArgument, RepositoryNotFound, StorageError, StorageFull, SurepointError
-from surepoint.storage.backend import Backend, ObjectInfo, ObjectNotFound
+from surepoint.errors import (
+    InvalidArgument,
+    RepositoryExists,
+    RepositoryNotFound,
+    StorageError,
+    StorageFull,
+    SurepointError,
+)
+from surepoint.storage.backend import Backend, Capabilities, ObjectInfo, ObjectNotFound
 
 PROTOCOL_VERSION = 1
 LENGTH = struct.Struct(">I")
@@ -37,6 +44,7 @@ MAX_PENDING = 64  # deferred puts in flight; their small replies must fit the pi
 
 # Error codes of a reply, and what the client makes of them.
 NOT_FOUND = "not_found"
+EXISTS = "exists"  # hello with create: the location holds something already
 REFUSED = "refused"
 STORAGE_FULL = "storage_full"
 BAD_REQUEST = "bad_request"
@@ -148,9 +156,9 @@ def ssh_command(location: SshLocation) -> list[str]:
 class SshBackend(Backend):
     """A repository on another host, reached through one ssh session per backend object.
 
-    `append_only` is what the server announced: such a server keeps everything it has and takes
-    only new objects (plus this session's own lock objects), so forgetting and garbage collection
-    have to run on the server itself.
+    `capabilities.append_only` is what the server announced: such a server keeps everything it
+    has and takes only new objects (plus this session's own lock objects), so forgetting and
+    garbage collection have to run on the server itself.
     """
 
     def __init__(self, location: str, *, create: bool = False, command: list[str] | None = None) -> None:
@@ -182,6 +190,7 @@ class SshBackend(Backend):
             self.close()
             raise
         self.append_only: bool = bool(hello.get("append_only"))
+        self.capabilities = Capabilities(atomic_rename=True, touch_renews_mtime=True, append_only=self.append_only)
         self.server_root: str = str(hello.get("root", ""))
 
     def _read_stderr(self) -> None:
@@ -245,6 +254,8 @@ class SshBackend(Backend):
             return ObjectNotFound(header.get("name", ""))
         if code == REFUSED:
             return RefusedByServer(f"{self.location}: {message}")
+        if code == EXISTS:
+            return RepositoryExists(f"{self.location}: {message}")
         if code == STORAGE_FULL:
             return StorageFull(f"{self.location}: {message}")
         return StorageError(f"{self.location}: {message}")
@@ -288,6 +299,9 @@ class SshBackend(Backend):
 
     def rename(self, name: str, new_name: str) -> None:
         self._call({"op": "rename", "name": name, "new_name": new_name})
+
+    def prepare(self, prefixes: Iterable[str]) -> None:
+        self._call({"op": "prepare", "prefixes": list(prefixes)})
 
     def sync(self) -> None:
         self._call({"op": "sync"})

@@ -175,3 +175,34 @@ def test_copy_holds_off_gc_on_the_source(tmp_path: Path, source: Repo):
         proc.kill()
         proc.wait()
     assert source.point_ids() and target.points() == []
+
+
+def test_copy_to_an_append_only_ssh_server_and_back(sshd, tmp_path: Path, source: Repo):
+    image = tmp_path / "disk.img"
+    sha = make_image(image, 3 * MiB, seed=6)
+    point = source.backup(image, name="app")
+    offsite_dir = tmp_path / "offsite"
+    ssh_env = sshd.append_only_client(offsite_dir)
+    offsite = Repo(tmp_path / "offsite-client", encryption="chacha20-poly1305", passphrase="offsite")
+    offsite_url = sshd.url("/ignored/by/the/forced/command")
+    offsite_env = offsite.env(SUREPOINT_REPO=offsite_url, **ssh_env)
+    offsite.ok("init", "--encryption", "chacha20-poly1305", "--chunk-size", "65536", env=offsite_env)
+
+    env = {**offsite_env, "SUREPOINT_FROM_PASSPHRASE": source.passphrase}
+    sent = offsite.run("copy", "--from", str(source.path), "--to", offsite_url, "--json", env=env)
+    assert sent.returncode == 0, str(sent)
+    (stats,) = sent.json()["copied"]
+    assert stats["id"] == point["id"] and stats["sent_chunks"] == stats["chunks"]
+    again = offsite.run("copy", "--from", str(source.path), "--to", offsite_url, "--json", env=env).json()
+    assert again["copied"] == [] and again["already_present"] == 1
+    report = offsite.run("verify", "--json", env=offsite_env).json()
+    assert [p["state"] for p in report["points"]] == ["verified"]
+
+    # And back from the off-site server into a fresh local repository (a disaster recovery drill).
+    home = Repo(tmp_path / "rebuilt", encryption="none")
+    home.init()
+    back = home.run("copy", "--from", offsite_url, "--json",
+                    env=home.env(SUREPOINT_FROM_PASSPHRASE="offsite", **ssh_env))  # fmt: skip
+    assert back.returncode == 0, str(back)
+    home.restore_matches(point["id"], sha)
+    assert home.points()[0]["consistency"] == point["consistency"]
