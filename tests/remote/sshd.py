@@ -45,7 +45,9 @@ class SshServer:
         identity = identity or self.full_key
         command = (
             f"ssh -F /dev/null -i {identity} -o IdentitiesOnly=yes -o UserKnownHostsFile={self.known_hosts} "
-            "-o StrictHostKeyChecking=yes -o LogLevel=ERROR"
+            "-o StrictHostKeyChecking=yes -o LogLevel=ERROR "
+            # one connection per key, shared by the sessions of the tests: no handshake each time
+            f"-o ControlMaster=auto -o ControlPath={self.home}/cm-{identity.name}-%r -o ControlPersist=30"
         )
         return {"SUREPOINT_SSH_COMMAND": command, "SUREPOINT_REMOTE_PATH": SUREPOINT}
 
@@ -124,4 +126,6 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
     """One OpenSSH server for the whole test session."""
     server, proc = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
+    for socket_path in server.home.glob("cm-*"):  # the shared connections end with the server
+        subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "127.0.0.1"], capture_output=True)
     stop_sshd(proc)
