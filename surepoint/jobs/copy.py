@@ -246,15 +246,21 @@ def _check_compatible(source: Repository, target: Repository) -> None:
 
 
 def _learn_from_earlier_copies(
-    copier: _Copier, source: Repository, target: Repository, points: Sequence[RestorePoint], say
+    copier: _Copier,
+    source_points: Sequence[RestorePoint],
+    target_points: Sequence[RestorePoint],
+    wanted: Sequence[RestorePoint],
+    say: Callable[[str], None],
 ) -> None:
     """Seed the id map from the newest restore point of each name already copied to the target."""
     if copier.same_ids:
         return
-    source_by_id = {p.id: p for p in source.list_restore_points()}
+    source, target = copier.source, copier.target
+    source_by_id = {p.id: p for p in source_points}
+    names = {p.name for p in wanted}
     latest: dict[str, RestorePoint] = {}
-    for p in target.list_restore_points():
-        if p.id in source_by_id and p.name in {q.name for q in points}:
+    for p in target_points:  # oldest first: the last one of a name wins
+        if p.id in source_by_id and p.name in names:
             latest[p.name] = p
     for name, tp in latest.items():
         sp = source_by_id[tp.id]
@@ -321,18 +327,15 @@ def copy_restore_points(
     _check_compatible(source, target)
     result = CopyResult(source.id, target.id)
     with repository_lock(source.backend, SOURCE_LOCK_KIND), repository_lock(target.backend, TARGET_LOCK_KIND):
+        source_points, target_points = source.list_restore_points(), target.list_restore_points()
         wanted, skipped, present = plan_copy(
-            source.list_restore_points(),
-            target.list_restore_points(),
-            source.id,
-            names=options.names,
-            since=options.since,
+            source_points, target_points, source.id, names=options.names, since=options.since
         )
         result.skipped, result.already_present = skipped, present
         if on_plan:
             on_plan(sum(p.size for p in wanted))
         copier = _Copier(source, target, options)
-        _learn_from_earlier_copies(copier, source, target, wanted, say)
+        _learn_from_earlier_copies(copier, source_points, target_points, wanted, say)
         for point in wanted:
             catalog.add_event(
                 target.id,

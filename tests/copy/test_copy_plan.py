@@ -1,0 +1,52 @@
+"""The pure parts of a copy job: which restore points to copy, and the bandwidth throttle."""
+
+from __future__ import annotations
+
+import time
+
+from surepoint.jobs.copy import COPY_METADATA, Throttle, plan_copy
+from surepoint.repo.manifest import RestorePoint
+
+SOURCE = "s" * 32
+
+
+def point(pid: str, name: str, day: int, copied_from: str | None = None) -> RestorePoint:
+    metadata = {COPY_METADATA: {"repository": copied_from, "copied": "x"}} if copied_from else {}
+    return RestorePoint(pid, name, f"2026-11-{day:02d}T00:00:00.000000Z", {}, [], metadata=metadata)
+
+
+def test_plan_copies_what_the_target_lacks_oldest_first():
+    source = [point("c", "web", 3), point("a", "web", 1), point("b", "db", 2)]
+    wanted, skipped, present = plan_copy(source, [], SOURCE)
+    assert [p.id for p in wanted] == ["a", "b", "c"] and skipped == [] and present == 0
+    wanted, _, present = plan_copy(source, [point("a", "web", 1, SOURCE)], SOURCE)
+    assert [p.id for p in wanted] == ["b", "c"] and present == 1
+
+
+def test_plan_filters_by_name_and_date():
+    source = [point("a", "web", 1), point("b", "db", 2), point("c", "web", 3)]
+    assert [p.id for p in plan_copy(source, [], SOURCE, names=["web"])[0]] == ["a", "c"]
+    assert [p.id for p in plan_copy(source, [], SOURCE, since="2026-11-02T00:00:00.000000Z")[0]] == ["b", "c"]
+
+
+def test_plan_does_not_bring_back_what_the_target_forgot():
+    source = [point("a", "web", 1), point("b", "web", 2), point("c", "web", 3), point("d", "db", 1)]
+    target = [point("b", "web", 2, SOURCE)]  # "a" was forgotten there by its own retention
+    wanted, skipped, _ = plan_copy(source, target, SOURCE)
+    assert [p.id for p in wanted] == ["d", "c"]
+    assert [(s.id, s.reason) for s in skipped] == [("a", "older than the newest copy of its name on the target")]
+    # Points that came from another repository do not count.
+    wanted, skipped, _ = plan_copy(source, [point("x", "web", 9, "other")], SOURCE)
+    assert len(wanted) == 4 and skipped == []
+
+
+def test_throttle_holds_the_rate():
+    throttle = Throttle(4 << 20)  # 4 MiB/s
+    started = time.monotonic()
+    for _ in range(9):
+        throttle.take(256 << 10)  # 2.25 MiB: the first is free, the other 2 MiB take at least 0.5 s
+    assert time.monotonic() - started >= 0.5
+    unlimited = Throttle(None)
+    started = time.monotonic()
+    unlimited.take(1 << 40)
+    assert time.monotonic() - started < 0.5
