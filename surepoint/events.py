@@ -17,6 +17,7 @@ from typing import Protocol
 class Component(StrEnum):
     JOB = "job"
     CBT = "cbt"
+    COPY = "copy"
     GC = "gc"
     INSTANT = "instant"
     LAB = "lab"
@@ -55,6 +56,7 @@ class Phase(StrEnum):
     VERIFY = "verify"
     MIGRATE = "migrate"
     DISCARD = "discard"
+    SEND = "send"  # a copy job sent a restore point to another repository
 
 
 class Outcome(StrEnum):

@@ -67,7 +67,9 @@ def register(app: typer.Typer) -> None:
         bandwidth: Annotated[
             str | None, typer.Option(help="Limit what is written to the target, bytes per second (50M, 1G).")
         ] = None,
-        workers: Annotated[int, typer.Option(help="Chunks copied at once.", min=1, max=64)] = 4,
+        workers: Annotated[
+            int | None, typer.Option(help="Chunks copied at once (default: 4, or 16 with S3).", min=1, max=64)
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Copy the restore points the target repository lacks from the source (--from), chunks it lacks only.

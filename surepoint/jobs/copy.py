@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from surepoint.catalog import Catalog
 from surepoint.errors import DamagedData, InvalidArgument, SurepointError
+from surepoint.events import Component, EventRecorder, EventStore, Outcome, Phase
 from surepoint.repo.chunks import ZERO_ID, chunk_object_name
 from surepoint.repo.envelope import KIND_CHUNK
 from surepoint.repo.fixed_index import FixedIndex
@@ -50,7 +50,7 @@ class CopyOptions:
     names: Sequence[str] = ()
     since: str | None = None  # ISO UTC: only restore points created at or after this time
     bandwidth: int | None = None  # bytes per second written to the target
-    workers: int = 4
+    workers: int | None = None  # chunks copied at once; default 4, or the backends' concurrency hint if higher
 
 
 @dataclass
@@ -315,14 +315,14 @@ def _copy_point(copier: _Copier, point: RestorePoint, workers: int, progress) ->
 def copy_restore_points(
     source: Repository,
     target: Repository,
-    catalog: Catalog,
+    events: EventStore | None,
     options: CopyOptions,
     *,
     log: Callable[[str], None] | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> CopyResult:
-    """Copy the restore points the target lacks; record events on both sides (each under its own id)."""
+    """Copy the restore points the target lacks; record events on both sides, each under its own id."""
     say = log or (lambda _m: None)
     _check_compatible(source, target)
     result = CopyResult(source.id, target.id)
@@ -335,54 +335,32 @@ def copy_restore_points(
         if on_plan:
             on_plan(sum(p.size for p in wanted))
         copier = _Copier(source, target, options)
+        workers = options.workers or max(
+            4, getattr(source.backend, "concurrency", 0), getattr(target.backend, "concurrency", 0)
+        )
         _learn_from_earlier_copies(copier, source_points, target_points, wanted, say)
         for point in wanted:
-            catalog.add_event(
-                target.id,
-                "copy",
-                "start",
-                "ok",
-                f"copy from repository {source.id}",
-                restore_point=point.id,
-                source=point.name,
-            )
+            on_target = EventRecorder(events, target.id, restore_point=point.id, source=point.name)
+            on_source = EventRecorder(events, source.id, restore_point=point.id, source=point.name)
+            on_target.record(Component.COPY, Phase.START, Outcome.OK, f"copy from repository {source.id}")
             try:
-                _copy, stats = _copy_point(copier, point, options.workers, progress)
+                _copy, stats = _copy_point(copier, point, workers, progress)
             except DamagedData as exc:
                 if not source.backend.exists(MANIFEST_PREFIX + point.id):
                     result.skipped.append(Skipped(point.id, point.name, "forgotten on the source during the copy"))
+                    on_target.record(Component.COPY, Phase.FINISH, Outcome.SKIPPED, "forgotten on the source")
                     continue
-                _record_failure(catalog, source, target, point, exc)
+                on_target.record(Component.COPY, Phase.FINISH, Outcome.FAILED, f"from {source.id}: {exc}")
                 raise
             except SurepointError as exc:
-                _record_failure(catalog, source, target, point, exc)
+                on_target.record(Component.COPY, Phase.FINISH, Outcome.FAILED, f"from {source.id}: {exc}")
                 raise
             result.copied.append(stats)
             message = (
                 f"copied from repository {source.id}: {stats.sent_chunks} chunks sent "
                 f"({stats.sent_bytes} bytes), {stats.present_chunks} already there"
             )
-            catalog.add_event(target.id, "copy", "commit", "ok", message, restore_point=point.id, source=point.name)
-            catalog.add_event(
-                source.id,
-                "copy",
-                "send",
-                "ok",
-                f"copied to repository {target.id}",
-                restore_point=point.id,
-                source=point.name,
-            )
+            on_target.record(Component.COPY, Phase.COMMIT, Outcome.OK, message)
+            on_source.record(Component.COPY, Phase.SEND, Outcome.OK, f"copied to repository {target.id}")
             say(f"{point.id} {point.name}: {stats.sent_chunks} chunks sent, {stats.present_chunks} already there")
     return result
-
-
-def _record_failure(catalog: Catalog, source: Repository, target: Repository, point: RestorePoint, exc) -> None:
-    catalog.add_event(
-        target.id,
-        "copy",
-        "finish",
-        "failed",
-        f"copy from repository {source.id}: {exc}",
-        restore_point=point.id,
-        source=point.name,
-    )
