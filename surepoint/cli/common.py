@@ -3,14 +3,16 @@ reader, JSON and size helpers. Command modules import from here; `app.py` import
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -168,3 +170,27 @@ def parse_since(text: str) -> str:
     except ValueError:
         raise UsageError(f"--since {text!r} is not a date like 2026-01-31 or 2026-01-31T12:00") from None
     return format_utc(when)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def with_hints(rules: dict[type[SurepointError], str]) -> Callable[[F], F]:
+    """A command decorator: errors of these classes leave with this advice as their `hint`.
+
+    The core names the problem; what to run or which flag to use next is the command line's to say.
+    """
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except SurepointError as exc:
+                if not getattr(exc, "hint", None):
+                    exc.hint = next((h for cls, h in rules.items() if isinstance(exc, cls)), None)
+                raise
+
+        return run  # type: ignore[return-value]
+
+    return decorate

@@ -8,14 +8,23 @@ from typing import Annotated
 
 import typer
 
-from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json
-from surepoint.errors import UsageError
+from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json, with_hints
+from surepoint.errors import InUse, NotAVmBackup, NotFound, UsageError
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
 
     @app.command("instant-recover")
+    @with_hints(
+        {
+            InUse: "use another --workdir, or --migrate-to DIR or --discard with this --workdir "
+            "(--discard also cleans up a crashed one)",
+            NotAVmBackup: "`surepoint restore` restores the disks of a file backup; `surepoint vm restore` "
+            "recreates a VM whose command line cannot be used here",
+            NotFound: "give the --workdir of an instant recovery (see `surepoint mounts`)",
+        }
+    )
     def instant_recover(
         ctx: typer.Context,
         restore_point: Annotated[

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from surepoint.cli.common import EXIT_DAMAGE, Context, JsonOption, err, out, parse_size, print_json
-from surepoint.errors import UsageError
+from surepoint.cli.common import EXIT_DAMAGE, Context, JsonOption, err, out, parse_size, print_json, with_hints
+from surepoint.errors import NeedsRoot, UsageError
 
 EXIT_RECOVERY_FAILED = 4
 DEFAULT_REPORT_DIR = "/var/lib/surepoint/lab-reports"
@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(lab_app, name="lab")
 
     @lab_app.command("verify")
+    @with_hints({NeedsRoot: "run `surepoint lab verify` as root"})
     def lab_verify(
         ctx: typer.Context,
         targets: Annotated[

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json
-from surepoint.errors import SurepointError, UsageError
+from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json, with_hints
+from surepoint.errors import InUse, NeedsRoot, SurepointError, UsageError
 
 
 def _mount_table(state) -> list[list[str]]:
@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
     from rich.table import Table
 
     @app.command()
+    @with_hints({NeedsRoot: "run as root, or use --images-only", InUse: "see `surepoint mounts`"})
     def mount(
         ctx: typer.Context,
         restore_point: Annotated[str, typer.Argument(help="Id, id prefix, or NAME:latest.")],
@@ -81,6 +82,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"FUSE server pid {state.pid}, log {state.log_path}; unmount with: surepoint umount {state.dir}")
 
     @app.command()
+    @with_hints({InUse: "close what is open there, or use `surepoint umount --lazy`"})
     def umount(
         directory: Annotated[str | None, typer.Argument(help="Where a restore point is mounted.")] = None,
         lazy: Annotated[bool, typer.Option("--lazy", help="Detach even if files are open there.")] = False,

@@ -16,8 +16,9 @@ from surepoint.cli.common import (
     out,
     print_json,
     say_error,
+    with_hints,
 )
-from surepoint.errors import UsageError
+from surepoint.errors import NotAVmBackup, UsageError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.jobs.vm_backup import VmJobOptions
 from surepoint.jobs.vm_fleet import backup_vms
@@ -107,6 +108,7 @@ def backup_and_report(
 
 
 @vm_app.command("restore")
+@with_hints({NotAVmBackup: "`surepoint restore` restores the disks of a file backup"})
 def vm_restore(
     ctx: typer.Context,
     restore_point: Annotated[str, typer.Argument(help="Id, id prefix, or NAME:latest of a VM restore point.")],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from surepoint.errors import UsageError
-from surepoint.tomlfile import read_toml
+from surepoint.errors import ConfigError
+from surepoint.tomlfile import check_known, one_of, positive_seconds, read_toml
 
 LOG_MODES = ("truncate", "keep", "copy-only", "after-verify")
 FALLBACKS = ("try", "require")
@@ -32,13 +32,17 @@ def load_job(path: str) -> JobConfig:
 
 
 def parse_job(raw: dict, path: str = "<job>") -> JobConfig:
-    def bad(msg: str) -> UsageError:
-        return UsageError(f"{path}: {msg}")
+    try:
+        return _parse_job(raw, path)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
-    known = {"name", "sources", "vm", "writers", "fallback", "logs", "freeze_timeout", "snapshot"}
-    unknown = set(raw) - known
-    if unknown:
-        raise bad(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+
+def _parse_job(raw: dict, path: str) -> JobConfig:
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{path}: {msg}")
+
+    check_known(raw, ("name", "sources", "vm", "writers", "fallback", "logs", "freeze_timeout", "snapshot"), path)
     vm = raw.get("vm")
     sources = raw.get("sources", [])
     if vm is not None:
@@ -53,18 +57,10 @@ def parse_job(raw: dict, path: str = "<job>") -> JobConfig:
     name = raw.get("name") or vm or os.path.basename(sources[0])
     if not isinstance(name, str):
         raise bad("`name` must be a string")
-    fallback = raw.get("fallback", "try")
-    if fallback not in FALLBACKS:
-        raise bad(f"`fallback` must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
-    logs = raw.get("logs", "truncate")
-    if logs not in LOG_MODES:
-        raise bad(f"`logs` must be one of {', '.join(LOG_MODES)}, not {logs!r}")
-    snapshot = raw.get("snapshot", "reflink")
-    if snapshot not in SNAPSHOTS:
-        raise bad(f"`snapshot` must be one of {', '.join(SNAPSHOTS)}, not {snapshot!r}")
-    timeout = raw.get("freeze_timeout", 20)
-    if not isinstance(timeout, int | float) or timeout <= 0:
-        raise bad("`freeze_timeout` must be a positive number of seconds")
+    fallback = one_of(raw.get("fallback", "try"), FALLBACKS, "`fallback`")
+    logs = one_of(raw.get("logs", "truncate"), LOG_MODES, "`logs`")
+    snapshot = one_of(raw.get("snapshot", "reflink"), SNAPSHOTS, "`snapshot`")
+    timeout = positive_seconds(raw.get("freeze_timeout", 20), "`freeze_timeout`")
     writers = raw.get("writers", [])
     if not isinstance(writers, list):
         raise bad('`writers` must be an array of tables: [[writers]] type = "postgresql" ...')

@@ -8,7 +8,7 @@ import shlex
 import subprocess
 from collections.abc import Callable
 
-from surepoint.errors import TargetError, UsageError
+from surepoint.errors import InvalidArgument, NotAVmBackup, TargetError
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.repo.restore import restore_disk
@@ -30,9 +30,9 @@ def restore_vm(
     say = log or (lambda _m: None)
     vm = point.metadata.get("vm")
     if not vm:
-        raise UsageError(f"restore point {point.id} is not a VM backup (use `surepoint restore`)")
+        raise NotAVmBackup(f"restore point {point.id} ({point.name}) is not a VM backup")
     if disk_format not in ("qcow2", "raw"):
-        raise UsageError("--format must be qcow2 or raw")
+        raise InvalidArgument(f"a restored disk is qcow2 or raw, not {disk_format!r}")
     os.makedirs(target_dir, exist_ok=True)
     target_dir = os.path.abspath(target_dir)
     paths = []

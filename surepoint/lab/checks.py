@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from surepoint.consistency.guest_runner import GUEST_PATH
-from surepoint.errors import UsageError
+from surepoint.errors import ConfigError
 from surepoint.lab.probe import run_probe
+from surepoint.tomlfile import check_known, positive_seconds
 from surepoint.vm.errors import GuestAgentError, GuestAgentTimeout
 from surepoint.vm.guest_agent import GuestAgent
 
@@ -173,19 +174,16 @@ def _default_name(kind: str, options: Mapping[str, Any]) -> str:
 
 
 def parse_check(raw: dict, where: str) -> CheckSpec:
-    """A check table of the lab file, validated; UsageError naming `where` for anything wrong in it."""
+    """A check table of the lab file, validated; ConfigError naming `where` for anything wrong in it."""
     if not isinstance(raw, dict):
-        raise UsageError(f"{where}: a test must be a table with a `type`, not {raw!r}")
+        raise ConfigError(f"{where}: a test must be a table with a `type`, not {raw!r}")
     kind = raw.get("type")
     if kind is None:
-        raise UsageError(f"{where}: `type` is missing (one of: {', '.join(CHECK_TYPES)})")
+        raise ConfigError(f"{where}: `type` is missing (one of: {', '.join(CHECK_TYPES)})")
     if kind not in CHECK_TYPES:
-        raise UsageError(f"{where}: unknown test type {kind!r} (known: {', '.join(CHECK_TYPES)})")
+        raise ConfigError(f"{where}: unknown test type {kind!r} (known: {', '.join(CHECK_TYPES)})")
     allowed = OPTIONS[kind]
-    unknown = sorted(set(raw) - set(COMMON_KEYS) - set(allowed))
-    if unknown:
-        known = ", ".join([*COMMON_KEYS, *allowed])
-        raise UsageError(f"{where}: unknown setting(s) {', '.join(unknown)} for a {kind} test (known: {known})")
+    check_known(raw, [*COMMON_KEYS, *allowed], where, what=f"a {kind} test")
     options: dict[str, Any] = {}
     try:
         for key, option in allowed.items():
@@ -195,12 +193,10 @@ def parse_check(raw: dict, where: str) -> CheckSpec:
                 raise ValueError(f"`{key}` is required for a {kind} test")
             elif option.default is not None:
                 options[key] = option.default
-        timeout = raw.get("timeout", DEFAULT_TIMEOUTS[kind])
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"`timeout` must be a positive number of seconds, not {timeout!r}")
+        timeout = positive_seconds(raw.get("timeout", DEFAULT_TIMEOUTS[kind]), "`timeout`")
         name = _nonempty_string(raw["name"], "`name`") if "name" in raw else _default_name(kind, options)
     except ValueError as exc:
-        raise UsageError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     return CheckSpec(type=kind, name=name, timeout=float(timeout), options=options)
 
 

@@ -29,9 +29,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from surepoint.errors import UsageError
+from surepoint.errors import ConfigError
 from surepoint.lab.checks import CheckSpec, parse_check
-from surepoint.tomlfile import read_toml
+from surepoint.tomlfile import check_known, positive_seconds, read_toml
 
 NETWORK_MODES = ("isolated", "none")
 DEFAULT_TIMEOUT = 3600.0
@@ -74,22 +74,21 @@ def load_lab_config(path: str) -> LabConfig:
 
 
 def _positive(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise UsageError(f"{what} must be a positive number of seconds, not {value!r}")
-    return float(value)
+    try:
+        return positive_seconds(value, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _unknown(table: dict, known: set[str], where: str) -> None:
-    unknown = set(table) - known
-    if unknown:
-        raise UsageError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    check_known(table, known, where)
 
 
 def _tests(raw: object, where: str) -> list[CheckSpec]:
     if raw is None:
         return [parse_check({"type": "heartbeat"}, where)]
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        raise UsageError(f'{where}: `test` must be an array of tables: [[group.test]] type = "port" ...')
+        raise ConfigError(f'{where}: `test` must be an array of tables: [[group.test]] type = "port" ...')
     tests = [parse_check(t, f"{where} test {i + 1}") for i, t in enumerate(raw)]
     if not any(t.type == "heartbeat" for t in tests):
         tests.insert(0, parse_check({"type": "heartbeat"}, where))  # the agent answering is the first sign of life
@@ -100,46 +99,46 @@ def parse_lab_config(raw: dict, path: str = "<lab>") -> LabConfig:
     _unknown(raw, {"lab", "group", "verify"}, path)
     lab = raw.get("lab", {})
     if not isinstance(lab, dict):
-        raise UsageError(f"{path}: [lab] must be a table")
+        raise ConfigError(f"{path}: [lab] must be a table")
     _unknown(lab, {"timeout", "network", "addresses"}, f"{path} [lab]")
     config = LabConfig(path=path)
     config.timeout = _positive(lab.get("timeout", DEFAULT_TIMEOUT), f"{path} [lab] timeout")
     config.network = lab.get("network", "isolated")
     if config.network not in NETWORK_MODES:
-        raise UsageError(f"{path} [lab] network must be one of {', '.join(NETWORK_MODES)}, not {config.network!r}")
+        raise ConfigError(f"{path} [lab] network must be one of {', '.join(NETWORK_MODES)}, not {config.network!r}")
     addresses = lab.get("addresses", [])
     if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-        raise UsageError(f'{path} [lab] addresses must be a list like ["10.0.2.2/24"]')
+        raise ConfigError(f'{path} [lab] addresses must be a list like ["10.0.2.2/24"]')
     for address in addresses:
         try:
             ipaddress.ip_interface(address)
         except ValueError:
-            raise UsageError(
+            raise ConfigError(
                 f"{path} [lab] addresses: {address!r} is not an address with prefix, e.g. 10.0.2.2/24"
             ) from None
         if "/" not in address:
-            raise UsageError(f"{path} [lab] addresses: {address!r} needs a prefix length, e.g. {address}/24")
+            raise ConfigError(f"{path} [lab] addresses: {address!r} needs a prefix length, e.g. {address}/24")
     if addresses and config.network == "none":
-        raise UsageError(f'{path} [lab] addresses make no sense with network = "none"')
+        raise ConfigError(f'{path} [lab] addresses make no sense with network = "none"')
     config.addresses = list(addresses)
 
     group = raw.get("group", [])
     if not isinstance(group, list) or not all(isinstance(g, dict) for g in group):
-        raise UsageError(f'{path}: `group` must be an array of tables: [[group]] name = "db" ...')
+        raise ConfigError(f'{path}: `group` must be an array of tables: [[group]] name = "db" ...')
     seen: set[str] = set()
     for i, entry in enumerate(group):
         where = f"{path} group {i + 1}"
         _unknown(entry, {"name", "restore_point", "boot_timeout", "test"}, where)
         name = entry.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise UsageError(f"{where}: `name` must be a short name of letters, digits, '.', '_' or '-', not {name!r}")
+            raise ConfigError(f"{where}: `name` must be a short name of letters, digits, '.', '_' or '-', not {name!r}")
         if name in seen:
-            raise UsageError(f"{where}: the name {name!r} is used twice")
+            raise ConfigError(f"{where}: the name {name!r} is used twice")
         seen.add(name)
         where = f"{path} group {name!r}"
         point = entry.get("restore_point")
         if not isinstance(point, str) or not point:
-            raise UsageError(
+            raise ConfigError(
                 f'{where}: `restore_point` is required (an id, id prefix or NAME:latest, e.g. "db:latest")'
             )
         config.group.append(
@@ -154,16 +153,16 @@ def parse_lab_config(raw: dict, path: str = "<lab>") -> LabConfig:
 
     verify = raw.get("verify", [])
     if not isinstance(verify, list) or not all(isinstance(v, dict) for v in verify):
-        raise UsageError(f'{path}: `verify` must be an array of tables: [[verify]] vm = "*" ...')
+        raise ConfigError(f'{path}: `verify` must be an array of tables: [[verify]] vm = "*" ...')
     vms: set[str] = set()
     for i, entry in enumerate(verify):
         where = f"{path} verify {i + 1}"
         _unknown(entry, {"vm", "boot_timeout", "test"}, where)
         vm = entry.get("vm", "*")
         if not isinstance(vm, str) or not vm:
-            raise UsageError(f'{where}: `vm` must be a VM name or "*"')
+            raise ConfigError(f'{where}: `vm` must be a VM name or "*"')
         if vm in vms:
-            raise UsageError(f"{where}: there is already a [[verify]] entry for vm {vm!r}")
+            raise ConfigError(f"{where}: there is already a [[verify]] entry for vm {vm!r}")
         vms.add(vm)
         config.verify.append(
             LabVmSpec(
@@ -178,5 +177,7 @@ def parse_lab_config(raw: dict, path: str = "<lab>") -> LabConfig:
         for spec in config.group + config.verify:
             for test in spec.tests:
                 if test.type in ("ping", "port") or (test.type == "script" and test.options.get("where") == "lab"):
-                    raise UsageError(f'{path}: {spec.name} test {test.name!r} needs the lab network (network = "none")')
+                    raise ConfigError(
+                        f'{path}: {spec.name} test {test.name!r} needs the lab network (network = "none")'
+                    )
     return config

@@ -30,7 +30,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from surepoint.errors import TargetError, UsageError
+from surepoint.errors import InvalidArgument, TargetError
 
 NAMESPACE_PREFIX = "surepoint-lab-"
 BRIDGE = "splab0"
@@ -42,7 +42,7 @@ TAP_ATTEMPTS = 8
 def namespace_for(lab_id: str) -> str:
     """The namespace name of a lab: NAMESPACE_PREFIX + lab_id (lower-case letters, digits, '-'; at most 32)."""
     if not LAB_ID.fullmatch(lab_id):
-        raise UsageError(f"invalid lab id {lab_id!r}: use 1-32 lower-case letters, digits and '-'")
+        raise InvalidArgument(f"invalid lab id {lab_id!r}: use 1-32 lower-case letters, digits and '-'")
     return NAMESPACE_PREFIX + lab_id
 
 
@@ -69,7 +69,7 @@ class LabNetwork:
         _check_namespace(namespace)
         interfaces = [_interface(a) for a in addresses]
         if interfaces and not isolated:
-            raise UsageError('lab addresses make no sense without the bridge (network "none")')
+            raise InvalidArgument('lab addresses make no sense without the bridge (network "none")')
         if cls.exists(namespace):
             raise TargetError(f"network namespace {namespace} exists already (another lab, or one left behind)")
         _ip(["netns", "add", namespace], f"cannot create network namespace {namespace}")
@@ -153,17 +153,17 @@ class LabNetwork:
 
 def _check_namespace(namespace: str) -> None:
     if not namespace.startswith(NAMESPACE_PREFIX):
-        raise UsageError(f"lab namespace {namespace!r} must start with {NAMESPACE_PREFIX!r}")
+        raise InvalidArgument(f"lab namespace {namespace!r} must start with {NAMESPACE_PREFIX!r}")
     namespace_for(namespace[len(NAMESPACE_PREFIX) :])
 
 
 def _interface(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     if "/" not in address:
-        raise UsageError(f"lab address {address!r} needs a prefix length, e.g. 10.0.2.2/24")
+        raise InvalidArgument(f"lab address {address!r} needs a prefix length, e.g. 10.0.2.2/24")
     try:
         return ipaddress.ip_interface(address)
     except ValueError as e:
-        raise UsageError(f"invalid lab address {address!r}: {e}") from None
+        raise InvalidArgument(f"invalid lab address {address!r}: {e}") from None
 
 
 def _all_namespaces() -> list[str]:
@@ -221,7 +221,7 @@ def attach_to_lab(argv: list[str], new_tap: Callable[[], str], used_macs: set[st
     frontends: dict[str, str | None] = {}  # netdev id -> MAC saved on its -device (QEMU allows one NIC per netdev)
     for _, flag, value in options:
         if flag == "-net" and value.strip() != "none":
-            raise UsageError(
+            raise InvalidArgument(
                 f"the saved command line uses the legacy -net option ({value}); the lab cannot attach it "
                 "to its network: describe the NIC with -netdev/-device or -nic"
             )
@@ -272,7 +272,7 @@ def _netdev(
     opts = _json_or_keyval(value, "-netdev")
     netdev_id = opts.get("id")
     if not netdev_id:
-        raise UsageError(f"the saved command line has a -netdev without id ({value}); the lab cannot attach it")
+        raise InvalidArgument(f"the saved command line has a -netdev without id ({value}); the lab cannot attach it")
     # a -netdev no NIC uses (QEMU only warns) still gets a tap: no old backend may survive
     tap = plan(netdev_id, frontends[netdev_id]).tap if netdev_id in frontends else new_tap()
     if _is_json(value):
@@ -338,9 +338,9 @@ def _json_or_keyval(value: str, flag: str) -> dict[str, str]:
         try:
             obj = json.loads(value)
         except json.JSONDecodeError as e:
-            raise UsageError(f"the saved command line has an invalid JSON {flag} ({value}): {e}") from None
+            raise InvalidArgument(f"the saved command line has an invalid JSON {flag} ({value}): {e}") from None
         if not isinstance(obj, dict):
-            raise UsageError(f"the saved command line has an invalid JSON {flag} ({value})")
+            raise InvalidArgument(f"the saved command line has an invalid JSON {flag} ({value})")
         return {k: v for k, v in obj.items() if isinstance(v, str)}
     return _keyval(_split(value), "driver" if flag == "-device" else "type")
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from surepoint.catalog import Catalog
-from surepoint.errors import SurepointError, UsageError
+from surepoint.errors import InvalidArgument, NeedsRoot, NotAVmBackup, SurepointError
 from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
 from surepoint.lab.config import LabConfig, LabVmSpec
 from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
@@ -43,9 +43,9 @@ NEEDS_ADDRESS = ("ping", "port")
 def check_bootable(point: RestorePoint) -> None:
     vm = point.metadata.get("vm")
     if not vm:
-        raise UsageError(f"restore point {point.id} ({point.name}) is not a VM backup: a lab can only boot VMs")
+        raise NotAVmBackup(f"restore point {point.id} ({point.name}) is not a VM backup: a lab can only boot VMs")
     if not vm.get("command_line"):
-        raise UsageError(f"restore point {point.id} ({point.name}) has no saved QEMU command line: it cannot boot")
+        raise NotAVmBackup(f"restore point {point.id} ({point.name}) has no saved QEMU command line: it cannot boot")
 
 
 class Lab:
@@ -76,9 +76,9 @@ class Lab:
 
     def run(self) -> LabReport:
         if os.geteuid() != 0:
-            raise UsageError("the lab needs root (a network namespace, FUSE mounts of the repository)")
+            raise NeedsRoot("the lab needs root (a network namespace, FUSE mounts of the repository)")
         if not self.targets:
-            raise UsageError("no restore point to verify")
+            raise InvalidArgument("no restore point to verify")
         clean_leftovers(self.say)
         group = [(spec, self.repository.resolve(spec.restore_point or "")) for spec in self.config.group]
         for point in [p for _s, p in group] + self.targets:

@@ -43,7 +43,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from surepoint.errors import SurepointError, UsageError
+from surepoint.errors import InvalidArgument, SurepointError
 from surepoint.text import printable
 
 COPY_BLOCK = 1 << 20
@@ -70,10 +70,10 @@ class CopyReport:
 def normalize_request(path: str) -> list[str]:
     """The components of a path inside the guest filesystem; `..` is refused."""
     if "\0" in path:
-        raise UsageError(f"{printable(path)}: a path cannot contain NUL")
+        raise InvalidArgument(f"{printable(path)}: a path cannot contain NUL")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UsageError(
+        raise InvalidArgument(
             f"{printable(path)}: '..' is not allowed in a path to restore (give the path from the filesystem root)"
         )
     return parts
@@ -274,7 +274,7 @@ class GuestTarget:
 
     def __init__(self, agent, directory: str, overwrite: bool, report: CopyReport, keep_setuid: bool = False) -> None:
         if not directory.startswith("/"):
-            raise UsageError(f"--to {printable(directory)}: give an absolute path inside the VM")
+            raise InvalidArgument(f"--to {printable(directory)}: give an absolute path inside the VM")
         self.agent = agent
         self.directory = posixpath.normpath(directory)
         self.overwrite = overwrite
@@ -527,5 +527,5 @@ def pick_volume(mounts: list[dict], disk: int | None, partition: str | None) -> 
         f"--disk {m['disk']} --partition {m['volume'].removeprefix('part')} ({printable(m['fstype'])})" for m in mounts
     )
     if not candidates:
-        raise UsageError(f"no mounted filesystem matches (mounted: {choices or 'none'})")
+        raise InvalidArgument(f"no mounted filesystem matches (mounted: {choices or 'none'})")
     raise SurepointError(f"the restore point has several filesystems: choose one of {choices}")

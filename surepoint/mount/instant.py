@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from surepoint.errors import SurepointError, TargetError, UsageError
+from surepoint.errors import InUse, InvalidArgument, NeedsRoot, NotAVmBackup, NotFound, SurepointError, TargetError
 from surepoint.mount.manager import MountOptions, mount_restore_point
 from surepoint.mount.state import clean_stale, find_state, is_mountpoint, teardown
 from surepoint.processes import process_start, same_process
@@ -110,22 +110,18 @@ def _check_workdir_free(workdir: str) -> None:
     session = InstantSession.load(workdir)
     if session is not None:
         if session.status == "migrated":
-            raise UsageError(
-                f"{workdir} holds an instant recovery already migrated to {session.migrated_to} "
-                f"(VM pid {session.pid}); use another --workdir"
+            raise InUse(
+                f"{workdir} holds an instant recovery already migrated to {session.migrated_to} (VM pid {session.pid})"
             )
         if session.qemu_alive():
-            raise UsageError(
+            raise InUse(
                 f"{workdir} is in use: VM {session.name} (pid {session.pid}) runs from restore point "
-                f"{session.restore_point}; use --migrate-to or --discard with this --workdir, or another --workdir"
+                f"{session.restore_point}"
             )
-        raise UsageError(
-            f"{workdir} holds a crashed instant recovery of {session.restore_point} (QEMU is gone); "
-            f"clean it with: surepoint instant-recover --discard --workdir {workdir}"
-        )
+        raise InUse(f"{workdir} holds a crashed instant recovery of {session.restore_point} (QEMU is gone)")
     mount_dir = os.path.join(workdir, MOUNT_SUBDIR)
     if os.path.isdir(mount_dir) and is_mountpoint(os.path.realpath(mount_dir)):
-        raise UsageError(f"{mount_dir} is already mounted (see `surepoint mounts`); use another --workdir")
+        raise InUse(f"{mount_dir} is already mounted")
 
 
 def start_instant(
@@ -149,12 +145,12 @@ def start_instant(
     started = time.monotonic()
     vm = point.metadata.get("vm")
     if not vm:
-        raise UsageError(f"restore point {point.id} ({point.name}) is not a VM backup: nothing to boot")
+        raise NotAVmBackup(f"restore point {point.id} ({point.name}) is not a VM backup: nothing to boot")
     argv = vm.get("command_line") or []
     if not argv:
-        raise UsageError(f"restore point {point.id} has no saved QEMU command line: use `surepoint vm restore`")
+        raise NotAVmBackup(f"restore point {point.id} has no saved QEMU command line")
     if os.geteuid() != 0:
-        raise UsageError("instant recovery needs root (FUSE mount of the repository)")
+        raise NeedsRoot("instant recovery needs root (FUSE mount of the repository)")
     workdir = os.path.abspath(workdir or default_workdir(point))
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_free(workdir)
@@ -206,7 +202,7 @@ def start_instant(
         session.argv = argv
         info = parse_command_line(argv)
         if info is None:
-            raise UsageError("the saved command line has no QMP socket: use `surepoint vm restore`")
+            raise NotAVmBackup("the saved command line has no QMP socket")
         session.qmp = info.qmp
         for name in ("qmp.sock", "console.log"):
             with contextlib.suppress(FileNotFoundError):
@@ -239,10 +235,7 @@ def _boot(session: InstantSession, timeout: float) -> None:
     session.pid_start = process_start(proc.pid)
     session.save()
     if session.guest_agent is None:
-        raise UsageError(
-            "the saved command line has no guest-agent channel: cannot tell when the VM is up; "
-            "use `surepoint vm restore`"
-        )
+        raise NotAVmBackup("the saved command line has no guest-agent channel: cannot tell when the VM is up")
     wait_for_guest_agent(proc, session.guest_agent, timeout, log_path=log_path)
 
 
@@ -304,7 +297,7 @@ def _load(workdir: str) -> InstantSession:
     workdir = os.path.abspath(workdir)
     session = InstantSession.load(workdir)
     if session is None:
-        raise UsageError(f"no instant recovery in {workdir} (no {STATE_FILE})")
+        raise NotFound(f"no instant recovery in {workdir} (no {STATE_FILE})")
     return session
 
 
@@ -313,7 +306,7 @@ def discard_instant(workdir: str, log: Callable[[str], None] | None = None) -> I
     say = log or (lambda _m: None)
     session = _load(workdir)
     if session.status == "migrated":
-        raise UsageError(
+        raise InvalidArgument(
             f"the VM of {session.workdir} was migrated to {session.migrated_to} and no longer depends on the "
             "repository: there is nothing to discard (stop the VM through its QMP socket "
             f"{session.qmp} if it is not wanted)"
@@ -356,12 +349,9 @@ def migrate_instant(
     say = log or (lambda _m: None)
     session = _load(workdir)
     if session.status == "migrated":
-        raise UsageError(f"the VM of {session.workdir} was already migrated to {session.migrated_to}")
+        raise InvalidArgument(f"the VM of {session.workdir} was already migrated to {session.migrated_to}")
     if not session.qemu_alive():
-        raise TargetError(
-            f"the instant VM's QEMU (pid {session.pid}) is gone: nothing to migrate; "
-            f"clean up with: surepoint instant-recover --discard --workdir {session.workdir}"
-        )
+        raise TargetError(f"the instant VM's QEMU (pid {session.pid}) is gone: nothing to migrate")
     target_dir = os.path.abspath(target_dir)
     os.makedirs(target_dir, exist_ok=True)
     started = time.monotonic()
@@ -387,7 +377,7 @@ def migrate_instant(
             base = os.path.basename(entry["name"]) or "disk"
             target = os.path.join(target_dir, f"disk{entry['number']}-{base}.qcow2")
             if os.path.exists(target):
-                raise UsageError(f"{target} exists: choose an empty --migrate-to directory")
+                raise InUse(f"{target} exists: the migration target directory must be empty")
             plan.append((entry, dev, target, f"{JOB_PREFIX}{entry['number']}"))
         created: list[tuple[str, str]] = []  # (node name, path)
         jobs: list[str] = []

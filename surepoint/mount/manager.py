@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from surepoint.errors import RepositoryLocked, SurepointError, UsageError
+from surepoint.errors import InUse, InvalidArgument, NeedsRoot, RepositoryLocked, SurepointError
 from surepoint.mount import fusefs
 from surepoint.mount.fusefs import DiskView, image_path, volume_path
 from surepoint.mount.partitions import PartitionTable, read_partition_table
@@ -114,13 +114,13 @@ def mount_restore_point(
 ) -> MountState:
     """Mount `point` at `directory`; returns its state (after the foreground server ended, with --foreground)."""
     if options.filesystems and os.geteuid() != 0:
-        raise UsageError("mounting filesystems needs root (loop devices); run as root, or use --images-only")
+        raise NeedsRoot("mounting filesystems needs root (loop devices)")
     clean_stale(log=say)
     real = os.path.realpath(directory)
     if not os.path.isdir(real):
-        raise UsageError(f"{directory} is not a directory: create it first")
+        raise InvalidArgument(f"{directory} is not a directory: create it first")
     if is_mountpoint(real):
-        raise UsageError(f"{directory} is already a mountpoint (see `surepoint mounts`)")
+        raise InUse(f"{directory} is already a mountpoint")
     check_no_exclusive_lock(repository)
 
     # Partition tables are read here, before the fork; the server gets fresh readers and cache.

@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from surepoint.errors import SurepointError, UsageError
+from surepoint.errors import InUse, SurepointError
 from surepoint.processes import process_alive, process_start
 from surepoint.statefile import write_json_atomically
 
@@ -191,9 +191,9 @@ def teardown(state: MountState, *, lazy: bool, log=None) -> None:
                 proc = run(["umount", "-c", path], check=False)
                 if proc.returncode != 0 and is_mountpoint(path):
                     state.save()
-                    raise UsageError(
+                    raise InUse(
                         f"cannot unmount {path}: {proc.stderr.strip() or 'busy'}; close the files open there "
-                        "(see `fuser -vm PATH`) or use `surepoint umount --lazy`"
+                        "(see `fuser -vm PATH`)"
                     )
             state.mounts.remove(entry)
             say(f"unmounted {path}")
@@ -205,7 +205,7 @@ def teardown(state: MountState, *, lazy: bool, log=None) -> None:
         if proc.returncode != 0 and _fuse_mounted(state):
             if not lazy:
                 state.save()
-                raise UsageError(f"cannot unmount {state.dir}: {proc.stderr.strip()}; try `surepoint umount --lazy`")
+                raise InUse(f"cannot unmount {state.dir}: {proc.stderr.strip()}")
             run(["umount", "-l", "-c", state.dir], check=False)
     if state.pid is not None and not dead and not state.loops:
         _wait_for_exit(state)

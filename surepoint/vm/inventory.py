@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from surepoint.errors import InvalidArgument, UsageError
+from surepoint.errors import ConfigError, InvalidArgument
 from surepoint.processes import command_lines
 from surepoint.text import printable
 from surepoint.tomlfile import read_toml
@@ -92,7 +92,7 @@ def load_inventory(path: str) -> list[VmInfo]:
     vms = []
     for name, entry in (raw.get("vm") or {}).items():
         if not isinstance(entry, dict) or not isinstance(entry.get("qmp"), str):
-            raise UsageError(f'{path}: [vm.{name}] needs qmp = "/path/to/qmp.sock"')
+            raise ConfigError(f'{path}: [vm.{name}] needs qmp = "/path/to/qmp.sock"')
         vms.append(VmInfo(name, entry["qmp"], entry.get("guest_agent")))
     return vms
 

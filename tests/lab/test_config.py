@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from surepoint.errors import UsageError
+from surepoint.errors import ConfigError
 from surepoint.lab.config import load_lab_config, parse_lab_config
 
 GOOD = """
@@ -83,16 +83,16 @@ def test_without_verify_entries_a_vm_gets_the_heartbeat() -> None:
     ],
 )
 def test_mistakes_are_named(raw: dict, message: str) -> None:
-    with pytest.raises(UsageError) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_lab_config(raw, "lab.toml")
     assert message in str(caught.value)
     assert "lab.toml" in str(caught.value)
 
 
 def test_unreadable_files_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_lab_config(str(tmp_path / "missing.toml"))
     bad = tmp_path / "bad.toml"
     bad.write_text("[lab\n")
-    with pytest.raises(UsageError, match="not valid TOML"):
+    with pytest.raises(ConfigError, match="not valid TOML"):
         load_lab_config(str(bad))

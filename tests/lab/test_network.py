@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from surepoint.errors import TargetError, UsageError
+from surepoint.errors import InvalidArgument, TargetError
 from surepoint.lab.network import (
     BRIDGE,
     NAMESPACE_PREFIX,
@@ -176,7 +176,7 @@ def test_default_nic_becomes_a_tap_unless_nodefaults() -> None:
 
 @pytest.mark.parametrize("legacy", ["nic,model=e1000", "user,hostfwd=tcp::2222-:22"])
 def test_legacy_net_is_refused(legacy: str) -> None:
-    with pytest.raises(UsageError, match="legacy -net option"):
+    with pytest.raises(InvalidArgument, match="legacy -net option"):
         attach_to_lab([QEMU, "-net", legacy], counter(), set())
 
 
@@ -208,14 +208,14 @@ def test_json_netdev_and_device() -> None:
 
 
 def test_netdev_without_id_is_refused() -> None:
-    with pytest.raises(UsageError, match="without id"):
+    with pytest.raises(InvalidArgument, match="without id"):
         attach_to_lab(["-netdev", "user"], counter(), set())
 
 
 def test_namespace_for() -> None:
     assert namespace_for("nightly-1") == NAMESPACE_PREFIX + "nightly-1"
     for bad in ["", "Nightly", "a/b", "a b", "-x", "x" * 33]:
-        with pytest.raises(UsageError):
+        with pytest.raises(InvalidArgument):
             namespace_for(bad)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from surepoint.errors import UsageError
+from surepoint.errors import ConfigError
 from surepoint.lab.checks import CheckContext, CheckSpec, parse_check, run_check
 from surepoint.lab.probe import run_probe
 
@@ -264,7 +264,7 @@ def test_parse_check_fills_in_defaults() -> None:
     ],
 )
 def test_parse_check_errors_name_where(raw: dict, says: str) -> None:
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ConfigError) as err:
         parse_check(raw, "group 'db' test 2")
     message = str(err.value)
     assert message.startswith("group 'db' test 2: ")

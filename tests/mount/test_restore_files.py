@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from surepoint.errors import UsageError
+from surepoint.errors import InvalidArgument
 from surepoint.mount.files import (
     CopyReport,
     GuestTarget,
@@ -78,7 +78,7 @@ def staging(tmp_path: Path) -> Path:
 
 def test_requests_with_dotdot_are_refused():
     for bad in ["../etc/passwd", "a/../../b", "..", "x/.."]:
-        with pytest.raises(UsageError):
+        with pytest.raises(InvalidArgument):
             normalize_request(bad)
     assert normalize_request("/etc//nginx/./conf/") == ["etc", "nginx", "conf"]
     assert normalize_request("/") == []
