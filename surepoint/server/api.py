@@ -104,7 +104,7 @@ class TokenIn(Strict):
 
 
 class ActionIn(Strict):
-    kind: Literal["restore", "vm_restore", "restore_files"]
+    kind: Literal["restore", "vm_restore", "restore_files", "instant"]
     repository: Annotated[str, Field(min_length=1, max_length=100)]
     spec: dict
 

@@ -31,7 +31,7 @@ router = APIRouter(include_in_schema=False)
 
 
 def _human(n: float | None) -> str:
-    if n is None:
+    if not isinstance(n, int | float):
         return ""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -242,6 +242,47 @@ async def start_lab(request: Request, repository: str, point_id: str):
     spec = parse_spec("lab", spec).model_dump(exclude_none=True)
     request.state.audit = {"restore_point": point_id}
     session_id = svc.scheduler.enqueue_action("lab", repository, spec, user.name, f"lab verification of {point_id}")
+    return RedirectResponse(f"/sessions/{session_id}", status_code=303)
+
+
+def restore_spec(form: dict, point_id: str) -> tuple[str, dict]:
+    """The restore session a point page's restore form asks for: (kind, spec)."""
+    action = form.get("action", "")
+    lines = [line.strip() for line in form.get("paths", "").splitlines() if line.strip()]
+    overwrite = form.get("overwrite") == "on"
+    if action == "disk":
+        disk = form.get("disk", "0").strip() or "0"
+        if not disk.isdigit() or len(disk) > 4:
+            raise UsageError("disk: a disk number is expected")
+        data = {"restore_point": point_id, "to": form.get("to", ""), "disk": int(disk), "overwrite": overwrite}
+        return "restore", parse_spec("restore", data).model_dump(exclude_none=True)
+    if action == "vm":
+        data = {"restore_point": point_id, "to": form.get("to", ""), "start": form.get("start") == "on"}
+        return "vm_restore", parse_spec("vm_restore", data).model_dump(exclude_none=True)
+    if action == "files":
+        data = {"restore_point": point_id, "paths": lines, "to": form.get("to", ""), "overwrite": overwrite}
+        if form.get("into_vm", "").strip():
+            data["into_vm"] = form["into_vm"].strip()
+        return "restore_files", parse_spec("restore_files", data).model_dump(exclude_none=True)
+    if action in ("instant", "instant-migrate", "instant-discard"):
+        data = {"restore_point": point_id, "action": {"instant": "boot"}.get(action, action[len("instant-") :])}
+        if action == "instant-migrate":
+            data["migrate_to"] = form.get("to", "")
+        return "instant", parse_spec("instant", data).model_dump(exclude_none=True)
+    raise UsageError(f"unknown restore action {action[:40]!r}")
+
+
+@router.post("/points/{repository}/{point_id}/restore")
+async def start_restore(request: Request, repository: str, point_id: str):
+    user = _require(request, RESTORE)
+    form = await _form(request, user)
+    svc = service(request)
+    if svc.repositories.point(repository, point_id) is None:
+        raise HTTPProblem(404, f"no restore point {point_id!r} in {repository}")
+    kind, spec = restore_spec(form, point_id)
+    request.state.audit = {"restore_point": point_id, "kind": kind}
+    label = f"{kind.replace('_', ' ')} of {point_id}"
+    session_id = svc.scheduler.enqueue_action(kind, repository, spec, user.name, label)
     return RedirectResponse(f"/sessions/{session_id}", status_code=303)
 
 

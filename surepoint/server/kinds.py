@@ -2,8 +2,8 @@
 
 Kinds a job can have: files (disk images or block devices), vm (running VMs by name), job_file
 (a job file with writers and log policy), verify (integrity), retention (forget + gc), lab
-(recovery verification). Restore actions (restore, vm_restore, restore_files) run as sessions
-without a job.
+(recovery verification). Restore actions (restore, vm_restore, restore_files, instant) run as
+sessions without a job.
 """
 
 from __future__ import annotations
@@ -168,6 +168,25 @@ class RestoreFilesSpec(Spec):
         return [argv + (["--overwrite"] if self.overwrite else [])]
 
 
+class InstantSpec(Spec):
+    """Instant recovery: boot a VM from the repository, then migrate it to storage or discard it."""
+
+    restore_point: Ref
+    action: Literal["boot", "migrate", "discard"] = "boot"
+    migrate_to: Path | None = None
+    boot_timeout: Annotated[float, Field(gt=0, le=3600)] = 300
+
+    def steps(self) -> list[list[str]]:
+        argv = ["instant-recover", self.restore_point, "--json"]
+        if self.action == "boot":
+            return [argv + ["--boot-timeout", str(self.boot_timeout)]]
+        if self.action == "discard":
+            return [argv + ["--discard"]]
+        if not self.migrate_to:
+            raise UsageError("instant recovery: give migrate_to, the directory for the VM's disks")
+        return [argv + ["--migrate-to", self.migrate_to]]
+
+
 JOB_KINDS: dict[str, type[Spec]] = {
     "files": FilesSpec,
     "vm": VmSpec,
@@ -180,6 +199,7 @@ ACTION_KINDS: dict[str, type[Spec]] = {
     "restore": RestoreSpec,
     "vm_restore": VmRestoreSpec,
     "restore_files": RestoreFilesSpec,
+    "instant": InstantSpec,
     "lab": LabSpec,
 }
 ALL_KINDS = {**JOB_KINDS, **ACTION_KINDS}

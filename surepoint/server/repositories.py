@@ -89,6 +89,8 @@ class Repositories:
             "encryption": repo.encryption,
             "restore_points": len(points),
             "stored_bytes": _stored_bytes(repo),
+            "growth_24h": sum(p["stored_bytes"] for p in points if _age_hours(p["created"]) <= 24),
+            "growth_7d": sum(p["stored_bytes"] for p in points if _age_hours(p["created"]) <= 24 * 7),
             "damaged_manifests": list(repo.damaged_manifests),
         }
         entry = (time.monotonic(), points, info)

@@ -143,8 +143,19 @@ def test_console_job_run_browse_download_and_lab(page, console, tmp_path: Path) 
     info.value.save_as(tmp_path / "data.bin")
     assert (tmp_path / "data.bin").read_bytes() == (staging / "data.bin").read_bytes()
 
-    # a lab verification: this restore point holds disk images, not a VM, and the report says so
+    # restore a directory through the restore form: a session whose files equal the source
     point_url = page.url.split("?")[0]
+    page.goto(point_url)
+    form = page.locator("#restore-files")
+    form.locator("textarea[name=paths]").fill("/etc/app")
+    form.locator("input[name=to]").fill(str(tmp_path / "restored"))
+    form.locator("button[type=submit]").click()
+    expect(page).to_have_url(re.compile(r"/sessions/\d+$"))
+    expect(page.locator("#state")).to_have_text("success", timeout=120_000)
+    restored = tmp_path / "restored" / "etc" / "app" / "config.ini"
+    assert restored.read_bytes() == (staging / "etc" / "app" / "config.ini").read_bytes()
+
+    # a lab verification: this restore point holds disk images, not a VM, and the report says so
     page.goto(point_url)
     page.click("#start-lab")
     expect(page).to_have_url(re.compile(r"/sessions/\d+$"))
