@@ -189,7 +189,7 @@ class _Uploads:
         self._budget = budget
         self._in_flight = 0
         self._cond = threading.Condition()
-        self._pending: dict[str, Future] = {}
+        self._pending: dict[str, set[Future]] = {}  # a name may be put again while its first upload runs
         self._error: BaseException | None = None
 
     def submit(self, name: str, size: int, upload: Callable[[], None]) -> None:
@@ -201,20 +201,23 @@ class _Uploads:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="s3-upload")
             future = self._pool.submit(upload)
-            self._pending[name] = future
+            self._pending.setdefault(name, set()).add(future)
         future.add_done_callback(lambda f: self._done(name, size, f))
 
     def _done(self, name: str, size: int, future: Future) -> None:
         with self._cond:
             self._in_flight -= size
-            if self._pending.get(name) is future:
-                del self._pending[name]
+            same_name = self._pending.get(name, set())
+            same_name.discard(future)
+            if not same_name:
+                self._pending.pop(name, None)
             failure = None if future.cancelled() else future.exception()
             if failure is not None and self._error is None:
                 self._error = failure
                 # The job fails at its next put or sync: uploads not yet started need not wait their turn.
-                for other in list(self._pending.values()):
-                    other.cancel()
+                for others in list(self._pending.values()):
+                    for other in list(others):
+                        other.cancel()
             self._cond.notify_all()
 
     def _raise_failure(self) -> None:
@@ -225,10 +228,7 @@ class _Uploads:
     def wait_for(self, name: str) -> None:
         """If `name` is being uploaded, wait until it is done (a read after our own write sees it)."""
         with self._cond:
-            future = self._pending.get(name)
-        if future is not None:
-            with contextlib.suppress(Exception):
-                future.result()
+            self._cond.wait_for(lambda: name not in self._pending)
 
     def drain(self) -> None:
         """Wait for every upload; raise the first failure."""
