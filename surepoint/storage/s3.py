@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from surepoint.errors import InvalidArgument, RepositoryExists, RepositoryNotFound, StorageError
+from surepoint.errors import InvalidArgument, ObjectLocked, RepositoryExists, RepositoryNotFound, StorageError
 from surepoint.storage.backend import Backend, Capabilities, ObjectInfo, ObjectNotFound
 from surepoint.storage.cache import MetadataCache, cacheable
 from surepoint.storage.retry import GaveUp, RetryPolicy, call_with_retry
@@ -278,6 +278,11 @@ class S3Backend(Backend):
         from surepoint.storage.s3_lock import ObjectLock
 
         self.object_lock = ObjectLock.detect(self)
+        self._lock_capability()
+
+    def _lock_capability(self) -> None:
+        if self.object_lock is not None:
+            self.capabilities = Capabilities(atomic_rename=False, touch_renews_mtime=False, object_lock=True)
 
     def _dir_prefix(self) -> str:
         return f"{self.where.prefix}/" if self.where.prefix else ""
@@ -287,6 +292,7 @@ class S3Backend(Backend):
         from surepoint.storage.s3_lock import ObjectLock
 
         self.object_lock = ObjectLock.enable(self, days)
+        self._lock_capability()
 
     # requests ----------------------------------------------------------------------------------
 
@@ -521,7 +527,12 @@ class S3Backend(Backend):
             if _error_code(exc) in NOT_FOUND_CODES or _http_status(exc) == 404:
                 raise ObjectNotFound(name) from None
             raise self._failed(exc, "copy", name) from None
-        self.delete(name)
+        try:
+            self.delete(name)
+        except ObjectLocked:
+            with contextlib.suppress(ObjectNotFound):
+                self.delete(new_name)
+            raise
 
     def locked_until(self, name: str) -> float | None:
         """When the object's Object Lock retention ends (a UNIX time), if it is locked now; else None."""

@@ -11,6 +11,7 @@ from surepoint.errors import RepositoryNotFound, SurepointError
 from surepoint.storage.backend import ObjectNotFound
 from surepoint.storage.s3 import S3Backend, S3CredentialsRefused, S3Location, S3Unreachable
 from tests.servers.seaweedfs import free_ports
+from tests.storage.suite import BackendSuite
 
 
 @pytest.fixture
@@ -144,3 +145,13 @@ def test_manifests_and_indexes_are_read_once_then_from_the_private_cache(backend
     assert list(directory.iterdir()) == []
     with pytest.raises(ObjectNotFound):
         reader.get("restorepoints/p1")
+
+
+class TestS3Backend(BackendSuite):
+    """The storage contract's conformance suite, on SeaweedFS."""
+
+    @pytest.fixture
+    def backend(self, s3_env, s3_bucket):
+        b = S3Backend.open(f"s3://{s3_bucket}/repo", create=True)
+        yield b
+        b.close()
