@@ -134,6 +134,18 @@ class ObjectNotFound(StorageError):
         self.name = name
 
 
+class ObjectLocked(StorageError):
+    """An object is under retention (S3 Object Lock): it can be deleted after `until` (a UNIX time), not before."""
+
+    def __init__(self, name: str, until: float, *, hint: str | None = None) -> None:
+        from datetime import UTC, datetime
+
+        when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        super().__init__(f"{name} is locked until {when}", hint=hint)
+        self.name = name
+        self.until = until
+
+
 # -- stored data is damaged (exit 3) -----------------------------------------------------------
 
 

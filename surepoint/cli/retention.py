@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -78,6 +79,17 @@ def _gc(c: Context, repo: Repository, *, dry_run: bool, as_json: bool, grace: fl
         f"orphaned indexes, {result.removed_temporary} temporary files; {result.referenced_chunks} chunks in use, "
         f"{result.kept_recent_chunks} recent unreferenced chunks kept for running or recent backups"
     )
+    if result.trashed_chunks:
+        out.print(
+            f"{result.trashed_chunks} chunks ({human(result.trashed_bytes)}) moved to trash: "
+            "the next gc deletes them (this storage cannot rename atomically)"
+        )
+    if result.locked_objects:
+        when = datetime.fromtimestamp(result.locked_until or 0, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        out.print(
+            f"{result.locked_objects} unreferenced objects are locked until {when} at the latest: "
+            "kept; a gc after that removes them"
+        )
 
 
 def register(app: typer.Typer) -> None:

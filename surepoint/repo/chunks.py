@@ -11,6 +11,10 @@ from surepoint.storage.backend import Backend, ObjectNotFound
 DIGEST_SIZE = 32
 ZERO_ID = bytes(DIGEST_SIZE)  # marks an all-zero chunk in an index; such chunks are never stored
 CHUNK_PREFIX = "chunks/"
+# Chunks garbage collection is about to delete (repo/gc.py). Where rename is not atomic (S3) a
+# chunk waits there for one gc run, and a restore point that a backup committed meanwhile may
+# still need it: reading falls back to it.
+TRASH_PREFIX = "trash/"
 
 
 def chunk_object_name(chunk_id: bytes) -> str:
@@ -61,7 +65,10 @@ class ChunkStore:
         try:
             blob = self.backend.get(chunk_object_name(chunk_id))
         except ObjectNotFound:
-            raise DamagedData(f"chunk {chunk_id.hex()[:16]} is missing from the repository") from None
+            try:
+                blob = self.backend.get(TRASH_PREFIX + chunk_id.hex())
+            except ObjectNotFound:
+                raise DamagedData(f"chunk {chunk_id.hex()[:16]} is missing from the repository") from None
         data = self.envelope.open(KIND_CHUNK, chunk_id.hex(), blob)
         if self.chunk_id(data) != chunk_id:
             raise DamagedData(f"chunk {chunk_id.hex()[:16]} is damaged (content does not match its id)")

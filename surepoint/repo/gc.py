@@ -6,6 +6,12 @@ backup lock. GC computes `cutoff = min(gc start, oldest live backup lock) - MARG
 removes unreferenced objects older than the cutoff. The last race, a backup touching a chunk
 between GC's listing and its delete, is closed by moving a chunk to trash/ first and looking at
 its mtime again: a chunk touched meanwhile goes back.
+
+Where rename is not atomic (S3: copy, then delete) a backup may touch a chunk between gc's look
+at its mtime and the delete of the original. There gc only parks the chunk in trash/ (where
+reading still finds it) and deletes it in a later run, once every backup that was running when
+it was parked has finished: by then a point that reused it is listed and the chunk goes back.
+Objects under retention (S3 Object Lock) are never touched: gc counts them and says until when.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from surepoint.errors import DamagedData, StorageError, UnreadableRestorePoints
+from surepoint.errors import DamagedData, ObjectLocked, StorageError, UnreadableRestorePoints
 from surepoint.repo import logstore
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
@@ -35,6 +41,10 @@ class GcResult:
     removed_indexes: int = 0
     removed_temporary: int = 0
     restored_from_trash: int = 0
+    trashed_chunks: int = 0  # parked in trash/, deleted by a later run (no atomic rename)
+    trashed_bytes: int = 0
+    locked_objects: int = 0  # under retention: deleted by a gc after `locked_until`
+    locked_until: float | None = None
     dry_run: bool = False
     unreadable_points: list[str] = field(default_factory=list)
 
@@ -85,13 +95,27 @@ def collect_garbage(
         referenced.discard(ZERO_ID)
         result.referenced_chunks = len(referenced)
 
+        atomic_rename = backend.capabilities.atomic_rename
+        locked_until = getattr(backend, "locked_until", None) if backend.capabilities.object_lock else None
+
+        def locked(name: str) -> bool:
+            until = locked_until(name) if locked_until else None
+            if until:
+                result.locked_objects += 1
+                result.locked_until = max(result.locked_until or 0.0, until)
+            return bool(until)
+
         for info in list(backend.list(TRASH_PREFIX)):
             chunk_id = chunk_id_from_name(info.name)
             if chunk_id in referenced and not dry_run:
                 _rename_back(backend, info.name, chunk_object_name(chunk_id))
                 result.restored_from_trash += 1
-            elif not dry_run:
+            elif not dry_run and (atomic_rename or info.mtime < cutoff):
+                # Without atomic rename: parked before every running backup began, so none reuses it.
                 _delete_quietly(backend, info.name)
+                if not atomic_rename:
+                    result.removed_chunks += 1
+                    result.removed_bytes += info.size
 
         for info in backend.list(CHUNK_PREFIX):
             chunk_id = chunk_id_from_name(info.name)
@@ -100,11 +124,28 @@ def collect_garbage(
             if info.mtime >= cutoff:
                 result.kept_recent_chunks += 1
                 continue
+            if locked(info.name):
+                continue
             if dry_run:
                 result.removed_chunks += 1
                 result.removed_bytes += info.size
                 continue
             trash = TRASH_PREFIX + chunk_id.hex()
+            if not atomic_rename:
+                try:
+                    if backend.stat(info.name).mtime >= cutoff:  # claimed since the listing
+                        result.kept_recent_chunks += 1
+                        continue
+                    backend.rename(info.name, trash)
+                except ObjectNotFound:
+                    continue
+                except ObjectLocked as exc:  # a backup extended its retention since we looked
+                    result.locked_objects += 1
+                    result.locked_until = max(result.locked_until or 0.0, exc.until)
+                    continue
+                result.trashed_chunks += 1
+                result.trashed_bytes += info.size
+                continue
             try:
                 backend.rename(info.name, trash)
             except ObjectNotFound:
@@ -119,7 +160,7 @@ def collect_garbage(
             result.removed_bytes += info.size
 
         for info in backend.list(INDEX_PREFIX):
-            if info.name not in live_indexes and info.mtime < cutoff:
+            if info.name not in live_indexes and info.mtime < cutoff and not locked(info.name):
                 result.removed_indexes += 1
                 if not dry_run:
                     _delete_quietly(backend, info.name)

@@ -17,7 +17,7 @@ from surepoint.errors import (
     RestorePointNotFound,
 )
 from surepoint.repo import crypto
-from surepoint.repo.chunks import CHUNK_PREFIX, ChunkStore
+from surepoint.repo.chunks import CHUNK_PREFIX, TRASH_PREFIX, ChunkStore
 from surepoint.repo.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
 from surepoint.repo.fixed_index import FixedIndex
 from surepoint.repo.locks import LOCK_PREFIX
@@ -30,7 +30,6 @@ FORMAT_VERSION = 1
 CONFIG = "config"
 MANIFEST_PREFIX = "restorepoints/"
 INDEX_PREFIX = "indexes/"
-TRASH_PREFIX = "trash/"  # chunks garbage collection is about to delete (repo/gc.py)
 # every prefix under which objects are written (chunks fan out by the first byte of their id)
 LAYOUT_PREFIXES = (INDEX_PREFIX, MANIFEST_PREFIX, LOCK_PREFIX, TRASH_PREFIX) + tuple(
     f"{CHUNK_PREFIX}{byte:02x}/" for byte in range(256)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from surepoint.errors import InvalidArgument, StorageError
+from surepoint.errors import InvalidArgument, ObjectLocked, StorageError
 from surepoint.storage.backend import ObjectInfo, ObjectNotFound
 
 if TYPE_CHECKING:
@@ -48,16 +48,6 @@ PROTECTED_PREFIXES = ("chunks/", "indexes/", "restorepoints/")
 
 class ObjectLockUnavailable(InvalidArgument):
     """Immutability was asked of storage that cannot give it (no Object Lock on the bucket)."""
-
-
-class ObjectLocked(StorageError):
-    """An object is under retention: it can be deleted after `until` (a UNIX time), not before."""
-
-    def __init__(self, name: str, until: float) -> None:
-        when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%d %H:%M UTC")
-        super().__init__(f"{name} is locked until {when}")
-        self.name = name
-        self.until = until
 
 
 @dataclass
