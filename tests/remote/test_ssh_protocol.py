@@ -17,7 +17,7 @@ import pytest
 
 from surepoint.errors import SurepointError
 from surepoint.storage.backend import ObjectNotFound
-from surepoint.storage.ssh import RefusedByServer, SshBackend
+from surepoint.storage.ssh import LIST_PAGE, RefusedByServer, SshBackend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +49,7 @@ def test_objects_over_ssh(full: SshBackend, tmp_path: Path):
     for call in (lambda: full.get("trash/one"), lambda: full.stat("x"), lambda: full.delete("x")):
         with pytest.raises(ObjectNotFound):
             call()
-    many = [f"chunks/cd/{i:05d}" for i in range(12_000)]  # more than one page of a listing
+    many = [f"chunks/cd/{i:05d}" for i in range(LIST_PAGE + 3)]  # more than one page of a listing
     for name in many[:3]:
         full.put(name, b"", durable=False)
     (tmp_path / "repo" / "chunks" / "cd").mkdir(exist_ok=True)
