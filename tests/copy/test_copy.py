@@ -145,7 +145,7 @@ def test_target_retention_is_its_own(tmp_path: Path, source: Repo):
     ids = source.point_ids()
     assert target.point_ids() == ids
 
-    target.ok("forget", "--keep-last", "1", "--prune")
+    target.ok("forget", "--keep-daily", "1", "--keep-monthly", "1", "--prune")  # GFS: one a day, one a month
     target.ok("gc", "--grace", "0")
     assert target.point_ids() == ids[-1:]
     assert source.point_ids() == ids  # the source keeps its own
@@ -166,7 +166,7 @@ def test_copy_holds_off_gc_on_the_source(tmp_path: Path, source: Repo):
     target = Repo(tmp_path / "dst", encryption="none")
     target.init()
     env = target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase)
-    proc = target.popen("copy", "--from", str(source.path), "--bandwidth", "256K", "--workers", "1", env=env)
+    proc = target.popen("copy", "--from", str(source.path), "--bandwidth", "64K", "--workers", "1", env=env)
     try:
         assert wait_for(lambda: source.locks(), timeout=30)
         source.fails("gc", code=1, words=["locked"])
