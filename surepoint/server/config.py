@@ -61,6 +61,10 @@ class ServerConfig:
     def database_url(self) -> str:
         return self.catalog or os.path.join(self.state_dir, "server.sqlite")
 
+    def catalog_of(self, repo: RepositoryConfig) -> str:
+        """The event catalog (SQLite) of a repository: its own setting, else one in the state directory."""
+        return repo.catalog or os.path.join(self.state_dir, "catalogs", f"{repo.name}.sqlite")
+
     def repository(self, name: str) -> RepositoryConfig:
         try:
             return self.repositories[name]

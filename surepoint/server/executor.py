@@ -32,7 +32,14 @@ MAX_LINE = 2000
 KILL_AFTER = 20.0
 INTERRUPTED = "interrupted: the server stopped while this session ran"
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
-_PASSED_ENV = ("SUREPOINT_REPO", "SUREPOINT_PASSPHRASE", "SUREPOINT_PASSPHRASE_FILE", "SUREPOINT_CATALOG")
+_PASSED_ENV = (
+    "SUREPOINT_REPO",
+    "SUREPOINT_PASSPHRASE",
+    "SUREPOINT_PASSPHRASE_FILE",
+    "SUREPOINT_CATALOG",
+    "SUREPOINT_FROM_PASSPHRASE",
+    "SUREPOINT_FROM_PASSPHRASE_FILE",
+)
 
 
 def clean_line(line: str) -> str:
@@ -186,9 +193,7 @@ class Executor:
         env["SUREPOINT_REPO"] = repo.location
         if repo.passphrase_file:
             env["SUREPOINT_PASSPHRASE_FILE"] = repo.passphrase_file
-        env["SUREPOINT_CATALOG"] = repo.catalog or os.path.join(
-            self.config.state_dir, "catalogs", f"{repo.name}.sqlite"
-        )
+        env["SUREPOINT_CATALOG"] = self.config.catalog_of(repo)
         env["SUREPOINT_SERVER_PID"] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -235,8 +240,8 @@ class Executor:
         row = self.db.one("SELECT kind, repository, spec FROM sessions WHERE id = ?", (session_id,))
         if row is None:
             raise SurepointError(f"session {session_id} is gone")
-        steps = parse_spec(row["kind"], json.loads(row["spec"])).steps()
-        env = self.env_for(row["repository"])
+        steps, extra_env = parse_spec(row["kind"], json.loads(row["spec"])).plan(self.config, row["repository"])
+        env = self.env_for(row["repository"]) | extra_env
         os.makedirs(os.path.dirname(env["SUREPOINT_CATALOG"]), mode=0o700, exist_ok=True)
         results: list = []
         warned = False

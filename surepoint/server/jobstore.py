@@ -23,7 +23,7 @@ class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")]
-    kind: Literal["files", "vm", "job_file", "verify", "retention", "lab"]
+    kind: Literal["files", "vm", "job_file", "verify", "retention", "lab", "copy"]
     repository: Annotated[str, Field(min_length=1, max_length=100)]
     spec: dict
     schedule: Annotated[str, Field(max_length=200)] | None = None
@@ -62,7 +62,7 @@ def _validate(db: Database, config: ServerConfig, job: JobIn, job_id: int | None
         raise UsageError(f"unknown job kind {job.kind!r}")
     config.repository(job.repository)
     spec = parse_spec(job.kind, job.spec)
-    spec.steps()  # raises on specs that validate but cannot run (a retention job without a rule)
+    spec.plan(config, job.repository)  # raises on specs that validate but cannot run (no keep_* rule...)
     schedule = (job.schedule or "").strip() or None
     if schedule:
         check_schedule(schedule, job.timezone)

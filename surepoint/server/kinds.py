@@ -2,8 +2,8 @@
 
 Kinds a job can have: files (disk images or block devices), vm (running VMs by name), job_file
 (a job file with writers and log policy), verify (integrity), retention (forget + gc), lab
-(recovery verification). Restore actions (restore, vm_restore, restore_files, instant) run as
-sessions without a job.
+(recovery verification), copy (into another repository). Restore actions (restore, vm_restore,
+restore_files, instant) run as sessions without a job.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from surepoint.errors import UsageError
+from surepoint.server.config import ServerConfig
 
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
 Path = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
@@ -24,6 +25,10 @@ class Spec(BaseModel):
 
     def steps(self) -> list[list[str]]:
         raise NotImplementedError
+
+    def plan(self, config: ServerConfig, repository: str) -> tuple[list[list[str]], dict[str, str]]:
+        """The command lines to run against `repository`, and environment variables they need."""
+        return self.steps(), {}
 
     def protects(self) -> list[str]:
         """Names of the systems whose restore points this job makes (for RPO alerts)."""
@@ -168,6 +173,30 @@ class RestoreFilesSpec(Spec):
         return [argv + (["--overwrite"] if self.overwrite else [])]
 
 
+class CopySpec(Spec):
+    """Copy the restore points another configured repository lacks into it (3-2-1: the offsite copy)."""
+
+    to: Annotated[str, Field(min_length=1, max_length=100)]
+    names: Annotated[list[Name], Field(max_length=256)] = []
+    bandwidth: Annotated[str, Field(pattern=r"^[0-9]+[KkMmGgTt]?(i?B)?$", max_length=20)] | None = None
+
+    def steps(self) -> list[list[str]]:
+        raise UsageError("a copy job needs the server's repositories to plan")
+
+    def plan(self, config: ServerConfig, repository: str) -> tuple[list[list[str]], dict[str, str]]:
+        source = config.repository(repository)
+        target = config.repository(self.to)
+        if target.name == source.name:
+            raise UsageError("a copy job copies into another repository than its own")
+        argv = ["copy", *self.names, "--from", source.location, "--to", target.location, "--json"]
+        if self.bandwidth:
+            argv += ["--bandwidth", self.bandwidth]
+        env = {"SUREPOINT_FROM_PASSPHRASE_FILE": source.passphrase_file or "", "SUREPOINT_REPO": target.location}
+        env["SUREPOINT_PASSPHRASE_FILE"] = target.passphrase_file or ""
+        env["SUREPOINT_CATALOG"] = config.catalog_of(target)
+        return [argv], {k: v for k, v in env.items() if v}
+
+
 class InstantSpec(Spec):
     """Instant recovery: boot a VM from the repository, then migrate it to storage or discard it."""
 
@@ -194,6 +223,7 @@ JOB_KINDS: dict[str, type[Spec]] = {
     "verify": VerifySpec,
     "retention": RetentionSpec,
     "lab": LabSpec,
+    "copy": CopySpec,
 }
 ACTION_KINDS: dict[str, type[Spec]] = {
     "restore": RestoreSpec,

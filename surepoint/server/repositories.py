@@ -20,7 +20,7 @@ CACHE_SECONDS = 3.0
 
 
 def catalog_path(config: ServerConfig, repo: RepositoryConfig) -> str:
-    return repo.catalog or os.path.join(config.state_dir, "catalogs", f"{repo.name}.sqlite")
+    return config.catalog_of(repo)
 
 
 def _age_hours(created: str) -> float:

@@ -59,12 +59,13 @@ passphrase_file = "passphrase"
         self._token: str | None = None
 
     # the repository, through the real CLI
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         env = dict(
             self.env,
             SUREPOINT_REPO=str(self.base / "repo"),
             SUREPOINT_PASSPHRASE_FILE=str(self.base / "passphrase"),
             SUREPOINT_CATALOG=str(self.base / "state" / "catalogs" / "main.sqlite"),
+            **(env or {}),
         )
         proc = subprocess.run([SUREPOINT, *args], env=env, capture_output=True, text=True, timeout=300)
         if check and proc.returncode != 0:

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import SUREPOINT
 from tests.server.conftest import ServerProcess, wait_for
@@ -27,6 +28,22 @@ def client(server: ServerProcess, *args: str, token: str | None = None) -> subpr
 
 def files_job(name: str, path: Path, **extra) -> dict:
     return {"name": name, "kind": "files", "repository": "main", "spec": {"paths": [str(path)]}, **extra}
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    """A server with a second repository, `offsite`, with its own passphrase (for a copy job)."""
+    srv = ServerProcess(
+        tmp_path / "server",
+        extra_config='[repositories.offsite]\nlocation = "offsite"\npassphrase_file = "offsite-passphrase"\n',
+    )
+    (srv.base / "offsite-passphrase").write_text("another passphrase\n")
+    srv.init_repository()
+    env = dict(srv.env, SUREPOINT_PASSPHRASE="another passphrase")
+    subprocess.run([SUREPOINT, "--repo", str(srv.base / "offsite"), "init"], env=env, check=True, capture_output=True)
+    srv.start()
+    yield srv
+    srv.stop()
 
 
 def test_client_runs_jobs_follows_sessions_and_cancels(server: ServerProcess, tmp_path: Path) -> None:
@@ -86,6 +103,17 @@ def test_client_runs_jobs_follows_sessions_and_cancels(server: ServerProcess, tm
         assert 'surepoint_restore_points{repository="main",name="small.img"} 1' in metrics.text
         assert 'surepoint_sessions{state="cancelled"} 1' in metrics.text
         assert httpx.get(server.url + "/metrics").status_code == 401
+
+    # a copy job sends the restore points to the other repository
+    with server.client() as api:
+        copy_job = {"name": "offsite", "kind": "copy", "repository": "main", "spec": {"to": "offsite"}}
+        assert api.post("/jobs", json=copy_job).status_code == 201, copy_job
+        copied = server.wait_session(api, api.post("/jobs/offsite/run").json()["session"])
+        assert copied["state"] == "success", copied
+    offsite = server.cli(
+        "--repo", str(server.base / "offsite"), "list", "--json", env={"SUREPOINT_PASSPHRASE": "another passphrase"}
+    )
+    assert {p["name"] for p in json.loads(offsite.stdout)["restore_points"]} == {"small.img", "other.img"}
 
     # mistakes: one line and exit code 2
     missing = client(server, "jobs", "run", "nosuch")
