@@ -5,30 +5,12 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from surepoint.errors import SourceError
 from surepoint.repo.extents import Extent, merge
+from surepoint.repo.source import DiskSource
 
-
-class DiskSource(Protocol):
-    """One disk as the backup engine sees it.
-
-    `allocated()` names the ranges that may hold data; everything else reads as zeros and is
-    recorded without reading. `changed()` names the ranges that may differ from the base restore
-    point (changed-block tracking); None means "unknown: read everything allocated".
-    """
-
-    name: str
-    size: int
-
-    def allocated(self) -> list[Extent]: ...
-
-    def changed(self) -> list[Extent] | None: ...
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def close(self) -> None: ...
+__all__ = ["DiskInfo", "DiskSource", "FileDiskSource"]
 
 
 @dataclass

@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         can reach production. Exit 0 when every VM passed, 4 when a test failed, 3 on damaged chunks.
         """
         from surepoint.jobs.after_verify import prune_after_verify
+        from surepoint.jobs.verify import verify_and_record
         from surepoint.lab.config import load_lab_config, parse_lab_config
         from surepoint.lab.runner import Lab
         from surepoint.mount.manager import MountOptions
@@ -99,6 +100,7 @@ def register(app: typer.Typer) -> None:
                 config,
                 points,
                 integrity=integrity,
+                check_integrity=lambda booted: verify_and_record(repo, booted, catalog),
                 mount_options=MountOptions(cache_bytes=parse_size(cache_size)),
                 log=say,
             )

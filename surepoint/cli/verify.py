@@ -10,8 +10,8 @@ from rich.text import Text
 
 from surepoint.cli.common import EXIT_DAMAGE, Context, JsonOption, err, out, parse_since, print_json
 from surepoint.jobs.after_verify import prune_after_verify
+from surepoint.jobs.verify import verify_and_record
 from surepoint.progress import count_progress
-from surepoint.repo.verify import verify as run_verify
 
 
 def verify(
@@ -33,7 +33,7 @@ def verify(
     points = [repo.resolve(restore_point)] if restore_point else repo.list_restore_points()
     since_iso = parse_since(since) if since else None
     with count_progress(err, "verify chunks") as (set_total, advance):
-        report = run_verify(
+        report = verify_and_record(
             repo,
             points,
             c.catalog(),

@@ -1,1 +1,61 @@
-"""Everything on disk: the repository format, its engine (backup, restore, verify, gc) and locks."""
+"""The repository: everything surepoint keeps on storage, and the engine that reads and writes it.
+
+Format (docs/repository-format.md is the byte-level reference; code and document change together)
+    A repository is a flat namespace of objects on a storage backend (surepoint/storage/):
+
+    config                  plain JSON: identity, chunk size, compression, wrapped keys (crypto.py)
+    chunks/xx/<id>          one chunk of disk data, content-addressed (chunks.py)
+    indexes/<rp>.<disk>     a fixed index: one chunk id per fixed-size piece of a disk (fixed_index.py)
+    restorepoints/<rp>      a restore-point manifest; its presence commits the point (manifest.py)
+    locks/<id>              who works on the repository, and since when (locks.py)
+    trash/<id>              a chunk garbage collection is about to delete (gc.py)
+
+    Chunks, indexes and manifests are wrapped in one envelope (envelope.py): a header naming the
+    kind, compression and cipher, then either a BLAKE3 checksum or AEAD encryption whose
+    associated data binds the object to its name. Every restore point is a full image: forgetting
+    one never damages another. repository.py ties these together (create, open, resolve, commit);
+    backup.py, restore.py, verify.py, gc.py and retention.py are the operations on top.
+
+Layers
+    This package imports only surepoint.storage, surepoint.errors, the shared helpers
+    (surepoint.timestamps, surepoint.processes) and libraries (the import contract in
+    pyproject.toml keeps it so). Disk sources
+    are described by the `DiskSource` protocol (source.py); where they come from (image files,
+    NBD, VMs) is the business of the layers above. Verification returns a report; recording it
+    in the catalog is a job (surepoint/jobs/verify.py).
+
+Locking: which operations may run at the same time, and what makes that safe
+    Lock kinds and their conflicts are in locks.CONFLICTS: `backup`, `restore` and `verify` run
+    beside each other and beside `gc` and `forget`; `forget` excludes `forget`, `gc` excludes `gc`,
+    `exclusive` excludes everything. Where two operations may overlap, this is why it is safe:
+
+    backup  / backup   Chunks are named by their content and put atomically, so two backups
+                       writing the same chunk write the same bytes. Each backup writes its own
+                       indexes and manifest under a fresh random restore-point id.
+    backup  / gc       A backup takes its lock first, then touches every chunk it reuses and
+                       writes every other one, so all its chunks have an mtime after its lock's
+                       `created`. gc deletes only unreferenced objects older than
+                       min(gc start, oldest live backup lock) - margin, moves a chunk to trash/
+                       and looks at its mtime again before deleting it (a touch in between sends
+                       it back), and a backup whose touch finds a chunk gone writes it again.
+    restore / gc       gc deletes only what no manifest refers to, and chunks are checked
+                       against their id when read: a restore of an existing point is untouched;
+                       a restore of a point forgotten meanwhile may fail with a missing chunk
+                       (DamagedData), never with wrong bytes.
+    verify  / gc       As restore/gc: a point forgotten while it is verified may show missing
+                       chunks; nothing that a live point refers to is ever deleted.
+    forget  / backup   forget deletes manifests first, then their indexes; a backup whose base
+                       point is forgotten reads its disk in full (its base index is gone) or
+                       re-reads any base chunk that `touch` no longer finds.
+    forget  / forget   Excluded by the `forget` lock (two retention runs would race on the same
+                       decisions).
+    gc      / gc       Excluded by the `gc` lock.
+    mount   / any      Mounts read like restore but write no lock; they stay away from
+                       `exclusive` only (surepoint/mount/manager.py).
+    copy    / gc       (copy jobs) A copy reads its source points like a restore (restore / gc)
+                       and writes into its destination like a backup, under a `backup` lock
+                       there (backup / gc).
+
+    A `restore` or `verify` that cannot write its lock object (a full or read-only repository)
+    still checks for conflicting locks and runs without one, so data can always be read back.
+"""

@@ -16,12 +16,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from surepoint.repo.chunks import ZERO_ID
-from surepoint.repo.extents import Extent, chunks_touched
+from surepoint.repo.extents import chunks_touched
 from surepoint.repo.fixed_index import FixedIndex
 from surepoint.repo.locks import repository_lock
 from surepoint.repo.manifest import CONSISTENCY_LEVELS, DiskRecord, RestorePoint
 from surepoint.repo.repository import Repository, utc_now
-from surepoint.sources import DiskSource
+from surepoint.repo.source import DiskSource
 
 ProgressCallback = Callable[[int], None]
 
@@ -251,7 +251,3 @@ def _read_and_store(
                     errors.append(exc)
     if errors:
         raise errors[0]
-
-
-def extent_bytes(extents: Sequence[Extent]) -> int:
-    return sum(e.length for e in extents)

@@ -140,9 +140,12 @@ class Repository:
     def _read_manifest(self, name: str) -> RestorePoint:
         data = self.envelope.open(KIND_MANIFEST, name, self.backend.get(name))
         try:
-            return RestorePoint.from_json(data)
+            point = RestorePoint.from_json(data)
         except (ValueError, TypeError, KeyError):
             raise DamagedData(f"manifest {name} is damaged (unreadable)") from None
+        if MANIFEST_PREFIX + point.id != name:
+            raise DamagedData(f"manifest {name} is damaged (it names restore point {point.id!r})")
+        return point
 
     def resolve(self, ref: str) -> RestorePoint:
         """A restore point by id, unambiguous id prefix, or NAME:latest."""

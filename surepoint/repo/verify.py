@@ -1,14 +1,17 @@
-"""Integrity verification: re-read stored chunks, check digest and authentication, map damage to disks."""
+"""Integrity verification: re-read stored chunks, check digest and authentication, map damage to disks.
+
+It only reads and reports: recording the outcome (in the catalog) is the verify job's business
+(surepoint/jobs/verify.py).
+"""
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from surepoint.catalog import Catalog
 from surepoint.errors import DamagedData
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import Extent, merge
@@ -40,13 +43,18 @@ class VerifyReport:
     skipped_chunks: int
     damaged_chunks: int
     damaged_manifests: list[str]
+    good_chunks: list[bytes] = field(default_factory=list, repr=False)  # checked and found intact
+    bad_chunks: list[bytes] = field(default_factory=list, repr=False)  # checked and found damaged or missing
 
     @property
     def damaged(self) -> bool:
         return bool(self.damaged_chunks or self.damaged_manifests or any(p.state == "damaged" for p in self.points))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The report as JSON-ready data (without the chunk ids)."""
+        data = asdict(self)
+        del data["good_chunks"], data["bad_chunks"]
+        return data
 
 
 def plan_chunks(
@@ -71,26 +79,24 @@ def plan_chunks(
 def verify(
     repository: Repository,
     points: Sequence[RestorePoint],
-    catalog: Catalog,
     *,
     sample: float | None = None,
-    since: str | None = None,
+    skip: Collection[bytes] = (),
     workers: int = 4,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Check the chunks of `points`; record each point's state in the catalog; return the damage found.
+    """Check the chunks of `points` and return each point's state and the damage found.
 
-    `sample` (0..1] checks a random share of chunks; `since` skips chunks checked at or after that
-    ISO time. A restore point becomes "verified" only when none of its chunks was left unchecked
-    by sampling.
+    `sample` (0..1] checks a random share of chunks; `skip` names chunks not to check again (found
+    good recently). A restore point becomes "verified" only when none of its chunks was left
+    unchecked by sampling.
     """
     uses, index_damage = plan_chunks(repository, points)
     candidates = list(uses)
     skipped = 0
-    if since:
-        recent = catalog.chunks_checked_since(repository.id, since)
-        kept = [c for c in candidates if c not in recent]
+    if skip:
+        kept = [c for c in candidates if c not in skip]
         skipped, candidates = len(candidates) - len(kept), kept
     sampled = sample is not None and sample < 1
     if sampled:
@@ -116,8 +122,6 @@ def verify(
                 bad[chunk_id] = problem
             if progress:
                 progress(1)
-    catalog.record_chunk_checks(repository.id, good)
-    catalog.forget_chunk_checks(repository.id, bad)
 
     checked_per_point: dict[str, int] = defaultdict(int)
     for chunk_id in candidates:
@@ -146,8 +150,6 @@ def verify(
         else:
             state = "verified"
         results.append(PointResult(point.id, point.name, state, checked_per_point.get(point.id, 0), ranges))
-        if state != "unchanged":
-            catalog.record_verification(
-                repository.id, point.id, "integrity", state, {"damaged": [asdict(r) for r in ranges]}
-            )
-    return VerifyReport(results, len(candidates), skipped, len(bad), list(repository.damaged_manifests))
+    return VerifyReport(
+        results, len(candidates), skipped, len(bad), list(repository.damaged_manifests), good, list(bad)
+    )

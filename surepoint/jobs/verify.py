@@ -1,0 +1,44 @@
+"""Verify restore points and record the outcome in the catalog (the repository itself only reports)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+from surepoint.catalog import Catalog
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
+from surepoint.repo.verify import VerifyReport, verify
+
+
+def verify_and_record(
+    repository: Repository,
+    points: Sequence[RestorePoint],
+    catalog: Catalog,
+    *,
+    sample: float | None = None,
+    since: str | None = None,
+    workers: int = 4,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Check the chunks of `points` and record each point's state and each chunk's check in the catalog.
+
+    `since` (an ISO time) skips chunks the catalog says were found good at or after it; `sample`
+    is passed to `repo.verify.verify`.
+    """
+    skip = catalog.chunks_checked_since(repository.id, since) if since else set()
+    report = verify(repository, points, sample=sample, skip=skip, workers=workers, progress=progress, on_plan=on_plan)
+    record(catalog, repository.id, report)
+    return report
+
+
+def record(catalog: Catalog, repository_id: str, report: VerifyReport) -> None:
+    """Chunk check times and the integrity state of every point that was fully checked or found damaged."""
+    catalog.record_chunk_checks(repository_id, report.good_chunks)
+    catalog.forget_chunk_checks(repository_id, report.bad_chunks)
+    for point in report.points:
+        if point.state != "unchanged":
+            catalog.record_verification(
+                repository_id, point.id, "integrity", point.state, {"damaged": [asdict(r) for r in point.damaged]}
+            )
