@@ -75,7 +75,7 @@ def read_passphrase(
         return value
     if file:
         try:
-            with open(file) as f:
+            with open(file, encoding="utf-8") as f:
                 return f.read().rstrip("\n")
         except OSError as exc:
             raise UsageError(f"cannot read passphrase file {file}: {exc.strerror}") from None
