@@ -162,7 +162,6 @@ def check(load: Workload, state: int, work: Path, *, through_cli: bool = False) 
 
 def _observe_library(where: Path, passphrases: list[str], scratch: Path) -> tuple[list[str], dict | None]:
     """(problems, restore point id -> sha256 of its restored image, None when the restore failed)."""
-    from surepoint.catalog import Catalog
     from surepoint.errors import SurepointError
     from surepoint.repo.repository import Repository
     from surepoint.repo.restore import restore_disk
@@ -193,11 +192,7 @@ def _observe_library(where: Path, passphrases: list[str], scratch: Path) -> tupl
             restored[point.id] = None
             problems.append(f"restore of {point.id} ({point.name}) failed: {exc}")
         target.unlink(missing_ok=True)
-    catalog = Catalog(str(scratch / "catalog.sqlite"))
-    try:
-        report = verify(repo, points, catalog)
-    finally:
-        catalog.close()
+    report = verify(repo, points)
     if report.damaged:
         problems.append(f"verify finds damage: {report.damaged_chunks} chunk(s), manifests {report.damaged_manifests}")
     shutil.rmtree(scratch, ignore_errors=True)
