@@ -18,6 +18,7 @@ from surepoint.cli.common import (
     Context,
     InventoryOption,
     JsonOption,
+    SkipFreeOption,
     err,
     human,
     log_line,
@@ -50,6 +51,7 @@ def backup(
     fallback: Annotated[str, typer.Option(help="try: fall back to crash consistency; require: fail.")] = "try",
     quiesce: Annotated[bool, typer.Option(help="Freeze guest filesystems through the guest agent.")] = True,
     freeze_timeout: Annotated[float, typer.Option(help="Seconds the guest may stay frozen.", min=1)] = 20.0,
+    skip_free: SkipFreeOption = True,
     as_json: JsonOption = False,
 ) -> None:
     """Back up disk images or block devices as one restore point (application-aware with --job).
@@ -60,7 +62,7 @@ def backup(
     c: Context = ctx.obj
     if sources and sources[0] == "vm":
         vm_commands.backup_and_report(
-            c, sources[1:], parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout
+            c, sources[1:], parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout, skip_free
         )
         return
     if bool(job) == bool(sources):
@@ -76,7 +78,13 @@ def backup(
 
         if config:
             result = run_job(
-                repo, catalog, config, inventory=inventory, progress_factory=progress(config.name), log=log_line
+                repo,
+                catalog,
+                config,
+                inventory=inventory,
+                progress_factory=progress(config.name),
+                log=log_line,
+                skip_free=skip_free,
             )
             if result.outcome.failures:
                 say_warning(
@@ -91,6 +99,7 @@ def backup(
                 paths,
                 name=name,
                 full=full,
+                skip_free=skip_free,
                 progress=progress(name or os.path.basename(paths[0].rstrip("/"))),
                 log=log_line,
             )

@@ -63,6 +63,13 @@ CatalogOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 InventoryOption = Annotated[str | None, typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory file (TOML).")]
+SkipFreeOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-free/--no-skip-free",
+        help="Store blocks that ext4, XFS and swap mark free as zeros, without reading them.",
+    ),
+]
 
 
 def read_passphrase(

@@ -11,6 +11,7 @@ from surepoint.cli.common import (
     Context,
     InventoryOption,
     JsonOption,
+    SkipFreeOption,
     human,
     log_line,
     out,
@@ -53,6 +54,7 @@ def vm_backup(
     fallback: Annotated[str, typer.Option(help="try: fall back to crash consistency; require: fail.")] = "try",
     quiesce: Annotated[bool, typer.Option(help="Freeze guest filesystems through the guest agent.")] = True,
     freeze_timeout: Annotated[float, typer.Option(help="Seconds the guest may stay frozen.", min=1)] = 20.0,
+    skip_free: SkipFreeOption = True,
     as_json: JsonOption = False,
 ) -> None:
     """Back up running QEMU VMs (found by name from their QEMU processes or --inventory), several in parallel.
@@ -60,7 +62,7 @@ def vm_backup(
     Each VM's disks are captured at one instant, quiesced through the guest agent, and read
     incrementally through QEMU dirty bitmaps. Exit 1 when any VM failed.
     """
-    backup_and_report(ctx.obj, names, parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout)
+    backup_and_report(ctx.obj, names, parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout, skip_free)
 
 
 def backup_and_report(
@@ -73,6 +75,7 @@ def backup_and_report(
     full: bool,
     as_json: bool,
     freeze_timeout: float = 20.0,
+    skip_free: bool = True,
 ) -> None:
     """`vm backup` (and its older spelling `backup vm`): back up, print a table or JSON, exit 1 on failures."""
     if not names:
@@ -80,7 +83,9 @@ def backup_and_report(
     if fallback not in ("try", "require"):
         raise UsageError("--fallback must be try or require")
     repo = c.open_repository()
-    options = VmJobOptions(fallback=fallback, quiesce=quiesce, full=full, freeze_timeout=freeze_timeout)
+    options = VmJobOptions(
+        fallback=fallback, quiesce=quiesce, full=full, freeze_timeout=freeze_timeout, skip_free=skip_free
+    )
     outcomes = backup_vms(repo, c.catalog(), names, options, parallel=parallel, inventory=inventory, log=log_line)
     results = [o.to_json() for o in outcomes]
     if as_json:

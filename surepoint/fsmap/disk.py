@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from surepoint.errors import SurepointError
 from surepoint.fsmap import ext4, lvm, swap, xfs
 from surepoint.fsmap.volume import Inconsistent, NotUnderstood, ReadFn, Status, Volume
 from surepoint.mount.partitions import read_partition_table
@@ -50,7 +51,9 @@ def map_disk(read: ReadFn, size: int) -> DiskMap:
             continue
         try:
             pv = lvm.read_label(read, start, length)
-        except Inconsistent as exc:
+        except SurepointError:
+            raise
+        except Exception as exc:  # noqa: BLE001
             result.volumes.append(Volume(where, start, length, "LVM2 PV", Status.READ, str(exc)))
             continue
         if pv is not None:
@@ -65,6 +68,7 @@ def map_disk(read: ReadFn, size: int) -> DiskMap:
 
 def map_volume(where: str, read: ReadFn, start: int, size: int) -> Volume:
     """One volume that starts at disk offset `start`; `read` takes offsets within the volume."""
+    kind = "unknown"
     try:
         if ext4.probe(read, size):
             kind, finder, status = "ext4", ext4.free_extents, Status.MAPPED
@@ -77,13 +81,19 @@ def map_volume(where: str, read: ReadFn, start: int, size: int) -> Volume:
         free = finder(read, size)
     except (NotUnderstood, Inconsistent) as exc:
         return Volume(where, start, size, kind, Status.READ, str(exc))
+    except SurepointError:
+        raise  # the source could not be read: the backup would fail on it too
+    except Exception as exc:  # noqa: BLE001 - metadata a parser did not foresee costs a full read, never a backup
+        return Volume(where, start, size, kind, Status.READ, f"unreadable metadata ({type(exc).__name__}: {exc})")
     return Volume(where, start, size, kind, status, "", [Extent(start + e.offset, e.length) for e in free])
 
 
 def _map_lvm(read: ReadFn, pvs: list[lvm.PhysicalVolume], result: DiskMap) -> None:
     try:
         groups = lvm.volume_groups(pvs)
-    except Inconsistent as exc:
+    except SurepointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in map_volume: no free space from metadata we cannot read
         result.warnings.append(f"LVM: {exc}")
         return
     for vg in groups:

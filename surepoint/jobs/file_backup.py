@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.fsmap.source import free_space_summary, skip_free_space
 from surepoint.jobs.progress import Log, ProgressFactory, no_log
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
-from surepoint.sources import FileDiskSource
+from surepoint.sources import DiskSource, FileDiskSource
 
 
 def backup_files(
@@ -19,26 +20,34 @@ def backup_files(
     *,
     name: str | None = None,
     full: bool = False,
+    skip_free: bool = True,
     progress: ProgressFactory | None = None,
     log: Log = no_log,
 ) -> RestorePoint:
     """One restore point of `paths` named `name` (default: the first file's name), incremental
-    against the latest point of that name unless `full`."""
-    sources: list[FileDiskSource] = []
+    against the latest point of that name unless `full`; blocks the disks' filesystems mark free
+    are stored as zeros without being read unless not `skip_free`."""
+    sources: list[DiskSource] = []
     try:
         for path in paths:
             sources.append(FileDiskSource(path))
         name = name or sources[0].name
         base = None if full else repository.latest_named(name)
+        free_space: dict[int, dict] = {}
+        if skip_free:
+            sources, free_space = skip_free_space(sources, log=log)
         request = BackupRequest(
             name=name,
             sources=sources,
             source_info={"kind": "files", "paths": [os.path.abspath(p) for p in paths]},
+            disk_metadata=free_space,
             base=base,
             restore_point_id=repository.new_restore_point_id(),
         )
         job_events = events.bound(restore_point=request.restore_point_id, source=name)
         job_events.record(Component.JOB, Phase.START, Outcome.OK, f"backup of {name}")
+        if free_space:
+            job_events.record(Component.JOB, Phase.PLAN, Outcome.OK, free_space_summary(free_space))
         advance = progress(sum(s.size for s in sources)) if progress else None
         try:
             point = run_backup(repository, request, progress=advance, log=log)

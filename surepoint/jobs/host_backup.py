@@ -12,6 +12,7 @@ from surepoint.consistency.quiesce import QuiesceOutcome, Quiescer
 from surepoint.consistency.registry import build_writers
 from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.fsmap.source import free_space_summary, skip_free_space
 from surepoint.host_snapshot import remove_snapshots, snapshot_files
 from surepoint.jobs.config import JobConfig
 from surepoint.jobs.vm_backup import VmJobOptions, backup_vm
@@ -37,6 +38,7 @@ def run_host_job(
     progress_factory: Callable[[int], Callable[[int], None]] | None = None,
     events: EventRecorder | None = None,
     log: Callable[[str], None] | None = None,
+    skip_free: bool = True,
 ) -> JobResult:
     runner = runner or HostRunner()
     rp_id = repository.new_restore_point_id()
@@ -72,6 +74,10 @@ def run_host_job(
             FileDiskSource(path, name=os.path.basename(orig)) for path, orig in zip(paths, job.sources, strict=True)
         ]
         try:
+            free_space: dict[int, dict] = {}
+            if skip_free:
+                sources, free_space = skip_free_space(sources, log=say)
+                event(Component.JOB, Phase.PLAN, Outcome.OK, free_space_summary(free_space))
             request = BackupRequest(
                 name=job.name,
                 sources=sources,
@@ -83,6 +89,7 @@ def run_host_job(
                     "consistency_failures": outcome.failures,
                     "freeze_seconds": round(outcome.freeze_seconds, 3),
                 },
+                disk_metadata=free_space,
                 base=repository.latest_named(job.name),
                 restore_point_id=rp_id,
             )
@@ -130,13 +137,20 @@ def run_job(
     progress_factory: Callable[[int], Callable[[int], None]] | None = None,
     events: EventRecorder | None = None,
     log: Callable[[str], None] | None = None,
+    skip_free: bool = True,
 ) -> JobResult:
     """Run a job file's backup: of its VM (found in `inventory` or among running QEMU processes)
     or of image files on this host."""
     if job.vm:
         options = VmJobOptions(
-            fallback=job.fallback, freeze_timeout=job.freeze_timeout, writers=job.writers, logs=job.logs
+            fallback=job.fallback,
+            freeze_timeout=job.freeze_timeout,
+            writers=job.writers,
+            logs=job.logs,
+            skip_free=skip_free,
         )
         result = backup_vm(repository, catalog, find_vm(job.vm, inventory), options, events=events, log=log)
         return JobResult(result.restore_point, result.outcome)
-    return run_host_job(repository, catalog, job, progress_factory=progress_factory, events=events, log=log)
+    return run_host_job(
+        repository, catalog, job, progress_factory=progress_factory, events=events, log=log, skip_free=skip_free
+    )

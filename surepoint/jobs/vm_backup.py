@@ -20,6 +20,7 @@ from surepoint.consistency.quiesce import ConsistencyRequired, QuiesceOutcome, Q
 from surepoint.consistency.registry import build_writers
 from surepoint.consistency.writer import Writer
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.fsmap.source import free_space_summary, skip_free_space
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
@@ -41,6 +42,7 @@ class VmJobOptions:
     full: bool = False
     writers: list[dict] = field(default_factory=list)  # application writers run inside the guest
     logs: str = "truncate"  # transaction-log mode for those writers
+    skip_free: bool = True  # free blocks of the guest's filesystems stored as zeros, not read
 
 
 @dataclass
@@ -208,6 +210,10 @@ def backup_vm(
                 )
                 sources = [view.source(d.device or d.node_name) for d in devices]
                 try:
+                    free_space: dict[int, dict] = {}
+                    if options.skip_free:
+                        sources, free_space = skip_free_space(sources, log=lambda m: say(f"{vm.name}: {m}"))
+                        event(Component.JOB, Phase.PLAN, Outcome.OK, free_space_summary(free_space))
                     cbt = "dirty bitmap" if base_bitmap else ("full read" if base is None else "full read, compared")
                     persistent = all(d.driver == "qcow2" for d in devices)
                     request = BackupRequest(
@@ -230,6 +236,7 @@ def backup_vm(
                             "consistency_failures": outcome.failures,
                             "freeze_seconds": round(outcome.freeze_seconds, 3),
                         },
+                        disk_metadata=free_space,
                         base=base,
                         restore_point_id=rp_id,
                     )
