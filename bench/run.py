@@ -173,7 +173,8 @@ class Surepoint(Tool):
         return [Cmd([*self.cmd, "--repo", str(d.repo), "init", "--encryption", self.encryption])]
 
     def full(self, d: Dirs) -> Cmd:
-        return Cmd([*self.cmd, "--repo", str(d.repo), "backup", str(d.src), "--name", "bench"])
+        # --no-skip-free: every byte, so the restore can be checked bit for bit (bench/skip_free.py measures skipping)
+        return Cmd([*self.cmd, "--repo", str(d.repo), "backup", str(d.src), "--name", "bench", "--no-skip-free"])
 
     incr = full
 
