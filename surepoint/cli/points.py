@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from surepoint.cli.common import Context, JsonOption, human, out, point_json, print_json, say_error, short_time
+from surepoint.cli.common import (
+    Context,
+    JsonOption,
+    human,
+    out,
+    point_json,
+    print_json,
+    say_error,
+    say_warning,
+    short_time,
+)
+from surepoint.scan.signals import suspicious_points
 
 
 def list_points(
@@ -21,6 +32,7 @@ def list_points(
     repo = c.open_repository()
     catalog = c.catalog()
     points = [p for p in repo.list_restore_points() if name is None or p.name == name]
+    suspicious = suspicious_points(points)
 
     def verification(p) -> dict[str, str]:
         return catalog.verification_summary(repo.id, p.id, bootable=p.bootable)
@@ -29,13 +41,15 @@ def list_points(
         print_json(
             {
                 "repository": repo.id,
-                "restore_points": [point_json(p, verification(p)) for p in points],
+                "restore_points": [
+                    {**point_json(p, verification(p)), "suspicious": suspicious.get(p.id)} for p in points
+                ],
                 "damaged_manifests": repo.damaged_manifests,
             }
         )
         return
     table = Table(title=f"restore points in {repo.backend.location}")
-    for col in ("id", "name", "created (UTC)", "disks", "size", "consistency", "state", "new data"):
+    for col in ("id", "name", "created (UTC)", "disks", "size", "consistency", "state", "new data", "signals"):
         table.add_column(col)
     for p in points:
         table.add_row(
@@ -47,8 +61,12 @@ def list_points(
             p.consistency,
             verification(p)["state"],
             human(sum(d.stored_bytes for d in p.disks)),
+            "suspicious" if p.id in suspicious else "",
         )
     out.print(table)
+    for p in points:
+        if p.id in suspicious:
+            say_warning(f"restore point {p.id} is suspicious: {suspicious[p.id]}")
     for m in repo.damaged_manifests:
         say_error(f"damaged manifest {m}: run `surepoint verify`")
 
@@ -59,6 +77,7 @@ def show(ctx: typer.Context, restore_point: str, as_json: JsonOption = False) ->
     repo = c.open_repository()
     point = repo.resolve(restore_point)
     data = point_json(point, c.catalog().verification_summary(repo.id, point.id, bootable=point.bootable))
+    data["suspicious"] = suspicious_points(p for p in repo.list_restore_points() if p.name == point.name).get(point.id)
     if as_json:
         print_json(data)
     else:

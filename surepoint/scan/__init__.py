@@ -1,0 +1,1 @@
+"""Looking for ransomware in restore points: signals from backup statistics, YARA rules over files."""
