@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import selectors
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.conftest import Cli, Result, sha256_file
 
@@ -293,12 +295,13 @@ def test_incremental_reads_only_the_changed_blocks(test_vm, cli: Cli, tmp_path: 
     # 256 KiB chunks (a user's choice at init): what is read then shows the bitmap's precision (64 KiB)
     # rather than the rounding to larger chunks (the default is 1 MiB)
     cli.run("init", "--chunk-size", str(256 * 1024), check=True)
-    full, full_seconds = good_backup(cli, test_vm.name)
+    # every byte (--no-skip-free): the incremental is compared bit for bit with a full read below
+    full, full_seconds = good_backup(cli, test_vm.name, "--no-skip-free")
     assert full["cbt"] == "full read" and full["consistency"] == "filesystem", full
     written = 16 * MiB
     test_vm.run(["dd", "if=/dev/urandom", "of=/data/incr.bin", "bs=1M", "count=16", "conv=fsync", "status=none"])
     test_vm.run(["sync"])
-    incr, incr_seconds = good_backup(cli, test_vm.name)
+    incr, incr_seconds = good_backup(cli, test_vm.name, "--no-skip-free")
     print(
         f"\nfull backup: {full_seconds:.1f} s ({full['duration_seconds']:.1f} s reading), "
         f"read {full['read_bytes'] / MiB:.0f} MiB of {full['size'] / MiB:.0f} MiB; "
@@ -331,8 +334,8 @@ def test_incremental_reads_only_the_changed_blocks(test_vm, cli: Cli, tmp_path: 
         + ["status=none"]
     )
     with paused(test_vm):  # one instant for both: the incremental must equal the full backup
-        same, _ = good_backup(cli, test_vm.name, "--no-quiesce")
-        reference, _ = good_backup(cli, test_vm.name, "--no-quiesce", "--full")
+        same, _ = good_backup(cli, test_vm.name, "--no-quiesce", "--no-skip-free")
+        reference, _ = good_backup(cli, test_vm.name, "--no-quiesce", "--full", "--no-skip-free")
     assert same["cbt"] == "dirty bitmap" and same["read_bytes"] < 16 * MiB, same
     assert reference["cbt"] == "full read", reference
     assert same["consistency"] == reference["consistency"] == "crash"  # not quiesced, but paused
@@ -473,3 +476,32 @@ def test_several_vms_in_one_job(test_vm, cli: Cli) -> None:
     points = cli.points()
     assert [(p["id"], p["name"]) for p in points] == [(by_name[test_vm.name]["restore_point"], test_vm.name)]
     print(f"\ntwo-VM job (one missing): {seconds:.1f} s")
+
+
+def test_free_space_in_the_guest_is_skipped(test_vm, cli: Cli, tmp_path: Path) -> None:
+    """Through the fleecing export, after the freeze: the guest's ext4 free blocks are not read, a file
+    deleted before the backup is gone from the repository, and the restored data disk checks clean."""
+    cli.run("init", "--encryption", "none", check=True)
+    marker = f"DELETED-{os.getpid()}-{time.time_ns()}"
+    test_vm.run(["sh", "-c", f"yes {marker} | head -c 8M > /data/secret.txt && sync && rm /data/secret.txt && sync"])
+    overlay = test_vm.disks["data"].read_bytes()  # qcow2 clusters hold guest bytes as they are
+    assert marker.encode() in overlay, "the deleted file's bytes should still be on the disk"
+    vm, _ = good_backup(cli, test_vm.name)
+    assert vm["consistency"] == "filesystem", vm  # frozen: the journal is flushed, the bitmaps are current
+    point = show(cli, vm["restore_point"])
+    data = next(d for d in point["disks"] if d["name"] == "data")
+    volumes = data["metadata"]["free_space"]["volumes"]
+    assert [v["status"] for v in volumes if v["kind"] == "ext4"] == ["mapped"], volumes
+    assert data["read_bytes"] < data["size"] / 2
+    for chunk in (cli.repo / "chunks").rglob("*"):
+        if chunk.is_file():
+            blob = chunk.read_bytes()
+            payload = (
+                zstandard.ZstdDecompressor().decompress(blob[8:-32], max_output_size=64 << 20)
+                if blob[5]
+                else blob[8:-32]
+            )
+            assert marker.encode() not in payload
+    image = restore_disk(cli, vm["restore_point"], data["number"], tmp_path / "data.raw")
+    check = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
