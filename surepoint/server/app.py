@@ -100,10 +100,32 @@ def create_app(service: Service, *, start: bool = True) -> FastAPI:
     return app
 
 
+class CannotListen(SurepointError):
+    """The address is taken or not this host's."""
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail before anything starts when the server could not listen (uvicorn would say it late, as a log line)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def serve(config: ServerConfig, say: Callable[[str], None] = print) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
     import uvicorn
 
+    _check_address(config.listen, config.port)
     service = Service(config, say=say)
     app = create_app(service)
     scheme = "https" if config.tls_cert else "http"

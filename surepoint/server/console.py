@@ -95,7 +95,8 @@ def login_page(request: Request, next: str = "/") -> HTMLResponse:
 
 
 def _safe_next(target: str) -> str:
-    return target if target.startswith("/") and not target.startswith("//") and len(target) < 2000 else "/"
+    local = target.startswith("/") and not target.startswith(("//", "/\\")) and len(target) < 2000
+    return target if local and target.isprintable() else "/"
 
 
 @router.post("/login")

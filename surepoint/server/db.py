@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-from surepoint.errors import SurepointError
+from surepoint.errors import SurepointError, UsageError
 
 
 class DatabaseError(SurepointError):
@@ -186,7 +186,7 @@ def open_database(url: str) -> Database:
     elif url.startswith("sqlite:///"):
         db = SqliteDatabase(url[len("sqlite://") :])
     elif "://" in url:
-        raise DatabaseError(f"unsupported database URL {_redact(url)!r}: give a file path or postgresql://...")
+        raise UsageError(f"unsupported database URL {_redact(url)!r}: give a file path or postgresql://...")
     else:
         db = SqliteDatabase(url)
     try:

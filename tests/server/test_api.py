@@ -265,6 +265,15 @@ def test_fuzzed_paths_and_queries_never_get_a_500(env: Env, path: str, segment: 
     assert response.status_code < 500, (url, query, response.text)
 
 
+@pytest.mark.parametrize("target", ["//evil.example/x", "/\\evil.example", "https://evil.example/", "/jobs"])
+def test_console_login_only_redirects_inside_the_console(env: Env, target: str) -> None:
+    c = TestClient(env.client.app, raise_server_exceptions=False, follow_redirects=False)
+    password = [m for m in env.said if "password: " in m][0].split("password: ")[1].split()[0]
+    response = c.post("/login", data={"name": "admin", "password": password, "next": target})
+    assert response.status_code == 303
+    assert response.headers["location"] == (target if target == "/jobs" else "/")
+
+
 def test_openapi_document_lists_the_api(env: Env) -> None:
     doc = env.client.get("/openapi.json").json()
     assert "/api/v1/jobs" in doc["paths"] and "/api/v1/sessions/{session_id}/cancel" in doc["paths"]

@@ -205,3 +205,29 @@ def test_https_with_a_given_certificate(tmp_path: Path) -> None:
         assert "secure" in login.headers["set-cookie"].lower()
     finally:
         server.stop()
+
+
+def test_start_mistakes_are_one_line(tmp_path: Path) -> None:
+    from tests.conftest import SUREPOINT
+
+    server = ServerProcess(tmp_path / "server")
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        argv = [SUREPOINT, "server", "--config", str(server.config), *extra]
+        return subprocess.run(argv, env=server.env, capture_output=True, text=True, timeout=60)
+
+    bad_url = run("--catalog", "mysql://root:secret@db/x")
+    assert bad_url.returncode == 2
+    assert bad_url.stderr.strip() == (
+        "error: unsupported database URL 'mysql://root:***@db/x': give a file path or postgresql://..."
+    )
+    import socket
+
+    shutil.rmtree(server.base / "state", ignore_errors=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.port))
+        taken.listen()
+        busy = run()
+    assert busy.returncode == 1
+    assert busy.stderr.strip() == f"error: cannot listen on 127.0.0.1:{server.port}: Address already in use"
+    assert not (server.base / "state").exists()  # nothing started, no admin made
