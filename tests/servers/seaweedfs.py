@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,6 +163,7 @@ class SeaweedFS:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-webdav=false",
+            "-master.telemetry=false",  # tests never phone home (and CI has no network)
             "-admin.ui=false",
             f"-s3.config={self.directory / 's3.json'}",
             f"-s3.localSocket={self.directory / 's3.sock'}",
@@ -180,6 +182,7 @@ class SeaweedFS:
             )
         finally:
             log.close()
+        had_volumes = any(data.rglob("*.dat"))  # a restart: reads fail until those volumes are back
         deadline = time.monotonic() + START_TIMEOUT
         client = self.client()
         while True:
@@ -187,13 +190,28 @@ class SeaweedFS:
                 raise RuntimeError(f"weed mini exited with {self.process.returncode}: {self.log_tail()}")
             try:
                 client.list_buckets()
-                return
+                if self._volumes_ready(had_volumes):
+                    return
+                raise RuntimeError("no volume server registered yet")
             except Exception:  # noqa: BLE001 - not up yet
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"SeaweedFS S3 did not answer within {START_TIMEOUT:.0f}s: {self.log_tail()}"
                     ) from None
                 time.sleep(0.2)
+
+    def _volumes_ready(self, had_volumes: bool) -> bool:
+        """The S3 gateway answers before the volume server has joined the master; data needs both."""
+        url = f"http://127.0.0.1:{self.ports['master.port']}/dir/status"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            topology = json.load(answer).get("Topology", {})
+        nodes = [
+            node
+            for center in topology.get("DataCenters") or []
+            for rack in center.get("Racks") or []
+            for node in rack.get("DataNodes") or []
+        ]
+        return bool(nodes) and (not had_volumes or any(node.get("Volumes") for node in nodes))
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the server (SIGKILL with kill=True, as a crashed endpoint); data stays in the directory."""
