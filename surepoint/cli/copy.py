@@ -131,6 +131,8 @@ def register(app: typer.Typer) -> None:
             )
         for s in result.skipped:
             out.print(f"  {s.id} {s.name}: not copied, {s.reason}")
+        if result.logs:
+            out.print(f"  {len(result.logs)} shipped transaction-log files ({human(result.log_bytes)})")
 
 
 class _Bar:

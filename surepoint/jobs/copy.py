@@ -28,6 +28,7 @@ from surepoint.repo.chunks import ZERO_ID, chunk_object_name
 from surepoint.repo.envelope import KIND_CHUNK
 from surepoint.repo.fixed_index import FixedIndex
 from surepoint.repo.locks import repository_lock
+from surepoint.repo.logstore import LogStore
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import MANIFEST_PREFIX, Repository, utc_now
 from surepoint.storage.backend import ObjectNotFound
@@ -81,6 +82,8 @@ class CopyResult:
     copied: list[PointCopy] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     already_present: int = 0
+    logs: list[str] = field(default_factory=list)  # shipped transaction-log files copied ("name/writer/file")
+    log_bytes: int = 0
 
     @property
     def sent_bytes(self) -> int:
@@ -363,4 +366,36 @@ def copy_restore_points(
             on_target.record(Component.COPY, Phase.COMMIT, Outcome.OK, message)
             on_source.record(Component.COPY, Phase.SEND, Outcome.OK, f"copied to repository {target.id}")
             say(f"{point.id} {point.name}: {stats.sent_chunks} chunks sent, {stats.present_chunks} already there")
+        names = set(options.names) or {p.name for p in source_points}
+        _copy_logs(copier, names, result, say)
+        if result.logs:
+            EventRecorder(events, target.id).record(
+                Component.COPY, Phase.COMMIT, Outcome.OK, f"{len(result.logs)} shipped log files from {source.id}"
+            )
     return result
+
+
+def _copy_logs(copier: _Copier, names: set[str], result: CopyResult, say: Callable[[str], None]) -> None:
+    """Bring the shipped transaction logs the target's restore points can replay and it lacks.
+
+    A log file is copied for a name that has restore points on the target, when it covers time
+    after the oldest of them (older logs could not be replayed onto any of them, and the target's
+    own retention may have forgotten them).
+    """
+    source, target = copier.source, copier.target
+    oldest: dict[str, str] = {}
+    for p in target.list_restore_points():
+        if p.name in names and (p.name not in oldest or p.created < oldest[p.name]):
+            oldest[p.name] = p.created
+    source_logs, target_logs = LogStore(source), LogStore(target)
+    for record in sorted(source_logs.all_records(), key=lambda r: (r.name, r.writer, r.file)):
+        since = oldest.get(record.name)
+        if since is None or record.covers_until < since or target_logs.has(record.name, record.writer, record.file):
+            continue
+        data = source_logs.read(record)  # checked chunk by chunk with the source's keys
+        copier.throttle.take(len(data))
+        target_logs.put(record.name, record.writer, record.file, data, record.covers_until)
+        result.logs.append(f"{record.name}/{record.writer}/{record.file}")
+        result.log_bytes += len(data)
+    if result.logs:
+        say(f"{len(result.logs)} shipped log files copied")

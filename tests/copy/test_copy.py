@@ -229,3 +229,33 @@ def test_copy_to_s3_and_back(seaweedfs, s3_bucket, tmp_path: Path, source: Repo)
     back = home.run("copy", "--from", url, "--json", env=home.env(SUREPOINT_FROM_PASSPHRASE="bucket", **s3_env))
     assert back.returncode == 0, str(back)
     home.restore_matches(point["id"], sha)
+
+
+def test_shipped_logs_follow_their_restore_points(tmp_path: Path, source: Repo):
+    from surepoint import storage
+    from surepoint.repo.logstore import LogStore
+    from surepoint.repo.repository import Repository
+
+    image = tmp_path / "disk.img"
+    make_image(image, MiB, seed=8)
+    point = source.backup(image, name="pg")
+    src = Repository.open(storage.open(str(source.path)), lambda: source.passphrase)
+    logs = {f"00000001000000000000000{i}": bytes([i]) * (100_000 + i) for i in range(1, 4)}
+    for i, (file, data) in enumerate(logs.items()):
+        covers = "2000-01-01T00:00:00.000000Z" if i == 0 else "2999-01-01T00:00:00.000000Z"
+        LogStore(src).put("pg", "postgresql", file, data, covers)  # the first one ends before any point
+    src.backend.close()
+    target = Repo(tmp_path / "dst", encryption="aes-256-gcm", passphrase="other")
+    target.init()
+
+    result = copy_ok(target, source)
+    assert [p["id"] for p in result["copied"]] == [point["id"]]
+    assert result["logs"] == [f"pg/postgresql/{f}" for f in list(logs)[1:]]
+    target.ok("gc", "--grace", "0")  # the target keeps the chunks its log records list
+    dst = Repository.open(storage.open(str(target.path)), lambda: "other")
+    store = LogStore(dst)
+    copied = store.list("pg", "postgresql")
+    assert [r.file for r in copied] == list(logs)[1:]
+    assert all(store.read(r) == logs[r.file] for r in copied)
+    dst.backend.close()
+    assert copy_ok(target, source)["logs"] == []  # nothing twice
