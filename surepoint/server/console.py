@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 from datetime import UTC, datetime
+from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
@@ -26,6 +28,8 @@ from surepoint.server.api import COOKIE, HTTPProblem, service
 from surepoint.server.auth import OPERATE, RESTORE, User
 from surepoint.server.kinds import JOB_KINDS, describe_validation, parse_spec
 
+RowId = Annotated[int, PathParam(ge=1, le=2**62)]
+Volume = Annotated[int, Query(ge=0, le=1024)]
 templates = Jinja2Templates(directory=os.path.join(os.path.dirname(__file__), "templates"))
 router = APIRouter(include_in_schema=False)
 
@@ -173,7 +177,13 @@ def points(request: Request, repository: str | None = None, system: str | None =
 
 
 @router.get("/points/{repository}/{point_id}", response_class=HTMLResponse)
-def point(request: Request, repository: str, point_id: str, volume: int = 0, path: str = "/") -> HTMLResponse:
+def point(
+    request: Request,
+    repository: str,
+    point_id: str,
+    volume: Volume = 0,
+    path: Annotated[str, Query(max_length=4096)] = "/",
+) -> HTMLResponse:
     user = _require(request)
     svc = service(request)
     if repository not in svc.config.repositories:
@@ -209,7 +219,9 @@ def point(request: Request, repository: str, point_id: str, volume: int = 0, pat
 
 
 @router.get("/points/{repository}/{point_id}/download")
-def download(request: Request, repository: str, point_id: str, path: str, volume: int = 0):
+def download(
+    request: Request, repository: str, point_id: str, path: Annotated[str, Query(max_length=4096)], volume: Volume = 0
+):
     user = _require(request, RESTORE)
     svc = service(request)
     if svc.repositories.point(repository, point_id) is None:
@@ -419,7 +431,7 @@ def new_job(request: Request) -> HTMLResponse:
 
 
 @router.get("/jobs/{job_id}/edit", response_class=HTMLResponse)
-def edit_job(request: Request, job_id: int) -> HTMLResponse:
+def edit_job(request: Request, job_id: RowId) -> HTMLResponse:
     user = _require(request, OPERATE)
     svc = service(request)
     job = jobstore.get(svc.db, job_id)
@@ -443,7 +455,7 @@ async def create_job(request: Request):
 
 
 @router.post("/jobs/{job_id}/edit")
-async def save_job(request: Request, job_id: int):
+async def save_job(request: Request, job_id: RowId):
     user = _require(request, OPERATE)
     form = await _form(request, user)
     svc = service(request)
@@ -459,7 +471,7 @@ async def save_job(request: Request, job_id: int):
 
 
 @router.post("/jobs/{job_id}/run")
-async def run_job(request: Request, job_id: int):
+async def run_job(request: Request, job_id: RowId):
     user = _require(request, OPERATE)
     await _form(request, user)
     svc = service(request)
@@ -471,7 +483,7 @@ async def run_job(request: Request, job_id: int):
 
 
 @router.post("/jobs/{job_id}/delete")
-async def delete_job(request: Request, job_id: int):
+async def delete_job(request: Request, job_id: RowId):
     user = _require(request, OPERATE)
     await _form(request, user)
     service(request).db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -491,10 +503,10 @@ def sessions(request: Request, job: str | None = None) -> HTMLResponse:
 
 
 @router.get("/sessions/{session_id}", response_class=HTMLResponse)
-def session_page(request: Request, session_id: int) -> HTMLResponse:
+def session_page(request: Request, session_id: RowId) -> HTMLResponse:
     user = _require(request)
     svc = service(request)
-    row = svc.db.one("SELECT * FROM sessions WHERE id = ?", (session_id,)) if 0 < session_id < 2**62 else None
+    row = svc.db.one("SELECT * FROM sessions WHERE id = ?", (session_id,))
     if row is None:
         raise HTTPProblem(404, f"no session {session_id}")
     result = json.loads(row["result"]) if row["result"] else None
@@ -515,7 +527,7 @@ def session_page(request: Request, session_id: int) -> HTMLResponse:
 
 
 @router.post("/sessions/{session_id}/cancel")
-async def cancel(request: Request, session_id: int):
+async def cancel(request: Request, session_id: RowId):
     user = _require(request, OPERATE)
     await _form(request, user)
     service(request).scheduler.cancel(session_id)

@@ -274,6 +274,129 @@ def test_console_login_only_redirects_inside_the_console(env: Env, target: str) 
     assert response.headers["location"] == (target if target == "/jobs" else "/")
 
 
+@pytest.fixture(scope="module")
+def console(env: Env):
+    """A logged-in console client and its CSRF token."""
+    c = TestClient(env.client.app, raise_server_exceptions=False, follow_redirects=False)
+    password = [m for m in env.said if "password: " in m][0].split("password: ")[1].split()[0]
+    assert c.post("/login", data={"name": "admin", "password": password}).status_code == 303
+    csrf = c.get("/").text.split('name="csrf-token" content="')[1].split('"')[0]
+    return c, csrf
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(
+        [
+            "/",
+            "/points",
+            "/points/{x}/{x}",
+            "/points/main/{x}",
+            "/points/main/{x}/download",
+            "/jobs",
+            "/jobs/{x}/edit",
+            "/sessions",
+            "/sessions/{x}",
+            "/audit",
+            "/jobs/new",
+        ]
+    ),  # fmt: skip
+    segment=st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30) | st.integers().map(str),
+    query=st.dictionaries(
+        st.sampled_from(["volume", "path", "system", "repository", "job", "browse", "next"]),
+        st.text(max_size=25) | st.integers().map(str),
+        max_size=3,
+    ),
+)
+def test_fuzzed_console_pages_never_get_a_500(console, path: str, segment: str, query: dict) -> None:
+    from urllib.parse import quote
+
+    c, _csrf = console
+    url = path.replace("{x}", quote(segment, safe="") or "0")
+    response = c.get(url, params=query)
+    assert response.status_code < 500, (url, query, response.text[:500])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(["/jobs/new", "/jobs/1/edit", "/points/main/0/restore", "/points/main/0/lab", "/jobs/1/run"]),
+    form=st.dictionaries(
+        st.sampled_from(
+            [
+                "name",
+                "kind",
+                "repository",
+                "targets",
+                "point_name",
+                "spec_json",
+                "schedule",
+                "timezone",
+                "after_job",
+                "retries",
+                "retry_delay",
+                "enabled",
+                "action",
+                "to",
+                "paths",
+                "disk",
+                "into_vm",
+                "group",
+            ]
+        ),  # fmt: skip
+        st.text(max_size=30) | st.sampled_from(["files", "vm", "main", "disk", "files", "instant", "{}", "on"]),
+        max_size=8,
+    ),
+)
+def test_fuzzed_console_forms_never_get_a_500(console, path: str, form: dict) -> None:
+    c, csrf = console
+    response = c.post(path, data={**form, "csrf": csrf})
+    assert response.status_code < 500, (path, form, response.text[:500])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    form=st.dictionaries(
+        st.sampled_from(
+            [
+                "name",
+                "kind",
+                "repository",
+                "targets",
+                "point_name",
+                "spec_json",
+                "schedule",
+                "timezone",
+                "after_job",
+                "retries",
+                "retry_delay",
+                "enabled",
+                "action",
+                "to",
+                "paths",
+                "disk",
+                "into_vm",
+                "overwrite",
+                "start",
+            ]
+        ),  # fmt: skip
+        st.text(max_size=30)
+        | st.sampled_from(
+            ["files", "vm", "lab", "main", "disk", "files", "instant", "instant-migrate", "{}", "on", "/srv/x", "0"]
+        ),
+        max_size=10,
+    )
+)
+def test_console_forms_become_a_spec_or_one_usage_error(form: dict) -> None:
+    from surepoint.errors import UsageError
+    from surepoint.server.console import job_from_form, restore_spec
+
+    for parse in (job_from_form, lambda f: restore_spec(f, "0123abcd")):
+        try:
+            parse(form)
+        except UsageError as exc:
+            assert str(exc) and "\n" not in str(exc)
+
+
 def test_openapi_document_lists_the_api(env: Env) -> None:
     doc = env.client.get("/openapi.json").json()
     assert "/api/v1/jobs" in doc["paths"] and "/api/v1/sessions/{session_id}/cancel" in doc["paths"]
