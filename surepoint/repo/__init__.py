@@ -7,21 +7,22 @@ Format (docs/repository-format.md is the byte-level reference; code and document
     chunks/xx/<id>          one chunk of disk data, content-addressed (chunks.py)
     indexes/<rp>.<disk>     a fixed index: one chunk id per fixed-size piece of a disk (fixed_index.py)
     restorepoints/<rp>      a restore-point manifest; its presence commits the point (manifest.py)
+    logs/<series>/<w>/<f>   a record of one shipped transaction-log file, stored as chunks (logstore.py)
     locks/<id>              who works on the repository, and since when (locks.py)
     trash/<id>              a chunk garbage collection is about to delete (gc.py)
 
-    Chunks, indexes and manifests are wrapped in one envelope (envelope.py): a header naming the
-    kind, compression and cipher, then either a BLAKE3 checksum or AEAD encryption whose
-    associated data binds the object to its name. Every restore point is a full image: forgetting
+    Chunks, indexes, manifests and log records are wrapped in one envelope (envelope.py): a
+    header naming the kind, compression and cipher, then either a BLAKE3 checksum or AEAD
+    encryption whose associated data binds the object to its name. Every restore point is a full image: forgetting
     one never damages another. repository.py ties these together (create, open, resolve, commit);
     backup.py, restore.py, verify.py, gc.py and retention.py are the operations on top.
 
 Layers
     This package imports only surepoint.storage, surepoint.errors, the shared helpers
     (surepoint.timestamps, surepoint.processes) and libraries (the import contract in
-    pyproject.toml keeps it so). Disk sources
-    are described by the `DiskSource` protocol (source.py); where they come from (image files,
-    NBD, VMs) is the business of the layers above. Verification returns a report; recording it
+    pyproject.toml keeps it so). Disk sources are described by the `DiskSource` protocol
+    (source.py); where they come from (image files, NBD, VMs) is the business of the layers
+    above. Verification returns a report; recording it
     in the catalog is a job (surepoint/jobs/verify.py).
 
 Locking: which operations may run at the same time, and what makes that safe
@@ -52,6 +53,8 @@ Locking: which operations may run at the same time, and what makes that safe
     gc      / gc       Excluded by the `gc` lock.
     mount   / any      Mounts read like restore but write no lock; they stay away from
                        `exclusive` only (surepoint/mount/manager.py).
+    logs    / gc       Log shipping writes chunks, then a record, under a `backup` lock: as
+                       backup / gc; gc also keeps every chunk a log record lists.
     copy    / gc       (copy jobs) A copy reads its source points like a restore (restore / gc)
                        and writes into its destination like a backup, under a `backup` lock
                        there (backup / gc).

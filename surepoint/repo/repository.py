@@ -103,6 +103,9 @@ class Repository:
             raise NotARepository(f"{backend.location} is not a surepoint repository")
         if config.get("version") != FORMAT_VERSION:
             raise NotARepository(f"repository format version {config.get('version')} is not supported")
+        for setting, known in (("digest", "blake3"), ("compression", "zstd")):
+            if config.get(setting, known) != known:
+                raise NotARepository(f"repository {setting} {config.get(setting)!r} is not supported")
         keys = None
         if config.get("encryption"):
             keys = crypto.unwrap_keys(config["encryption"], passphrase(), config["id"])

@@ -67,12 +67,17 @@ class LocalBackend(Backend):
         """Make the directory of an object; True if it was new (its entry becomes durable at the next sync)."""
         if directory in self._made_dirs:
             return False
-        created = not os.path.isdir(directory)
-        if created:
+        missing = []  # the new directories, deepest first: each one's entry lives in its parent
+        ancestor = directory
+        while not os.path.isdir(ancestor):
+            missing.append(ancestor)
+            ancestor = os.path.dirname(ancestor)
+        if missing:
             os.makedirs(directory, exist_ok=True)
-            self._dirty(os.path.dirname(directory))
+            for new in missing:
+                self._dirty(os.path.dirname(new))
         self._made_dirs.add(directory)
-        return created
+        return bool(missing)
 
     def _dirty(self, directory: str) -> None:
         with self._lock:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 CIPHERS = {"aes-256-gcm": (1, AESGCM), "chacha20-poly1305": (2, ChaCha20Poly1305)}
-KIND = {"chunk": 1, "index": 2, "manifest": 3}
+KIND = {"chunk": 1, "index": 2, "manifest": 3, "record": 4}
 MANIFEST_NAME = re.compile(r"^[0-9a-f]{16}$")
 CHUNK_NAME = re.compile(r"^[0-9a-f]{64}$")
 ZERO_ID = bytes(32)
@@ -102,6 +102,11 @@ class DocReader:
             raise Damaged(f"{binding}: compression {compression}")
         return payload
 
+    def chunk_id(self, data: bytes) -> bytes:
+        if self.id_key is not None:
+            return blake3.blake3(data, key=self.id_key).digest()
+        return blake3.blake3(data).digest()
+
     def chunk(self, chunk_id: bytes) -> bytes:
         hexid = chunk_id.hex()
         try:
@@ -109,11 +114,7 @@ class DocReader:
         except FileNotFoundError:
             blob = self._file(f"trash/{hexid}")  # after an interrupted gc (the document's advice)
         data = self.open_envelope("chunk", hexid, blob)
-        if self.id_key is not None:
-            computed = blake3.blake3(data, key=self.id_key).digest()
-        else:
-            computed = blake3.blake3(data).digest()
-        if computed != chunk_id:
+        if self.chunk_id(data) != chunk_id:
             raise Damaged(f"chunk {hexid}: content does not match its id")
         return data
 
@@ -160,6 +161,20 @@ class DocReader:
                 raise Damaged(f"chunk {i} of disk {number}: {len(data)} bytes, its range has {length}")
             out += data
         return bytes(out)
+
+    # log records -------------------------------------------------------------------------------
+
+    def log_file(self, name: str, writer: str, file: str) -> bytes:
+        """A shipped transaction-log file, by restore-point name, writer and file name."""
+        series = self.chunk_id(b"log-series:" + name.encode("utf-8")).hex()[:32]
+        object_name = f"logs/{series}/{writer}/{file}"
+        record = json.loads(self.open_envelope("record", object_name, self._file(object_name)).decode("utf-8"))
+        if (record["name"], record["writer"], record["file"]) != (name, writer, file):
+            raise Damaged(f"{object_name}: names another log")
+        data = b"".join(self.chunk(bytes.fromhex(c)) for c in record["chunks"])
+        if len(data) != record["size"]:
+            raise Damaged(f"{object_name}: size")
+        return data
 
 
 def passphrase_from_file(path: str) -> str:

@@ -18,6 +18,7 @@ from surepoint import storage
 from surepoint.errors import DamagedData
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.extents import Extent
+from surepoint.repo.logstore import LogStore
 from surepoint.repo.repository import Repository
 from tests.repo import doc_reader
 from tests.repo.conftest import CHUNK, MemoryDisk, disk_bytes
@@ -103,6 +104,19 @@ def test_reader_rejects_a_planted_unencrypted_index(tmp_path):
         reader.restore(manifest, 0)
     with pytest.raises(DamagedData, match="cipher 0 does not match"):
         repository.load_index(point, 0)
+
+
+@pytest.mark.parametrize("encryption", ["none", "chacha20-poly1305"])
+def test_reader_reads_shipped_log_files(tmp_path, encryption):
+    repository, _expected = make_repository(tmp_path / "repo", encryption)
+    wal = random.Random(5).randbytes(2 * CHUNK + 300) + bytes(CHUNK)  # ends in a zero piece
+    store = LogStore(repository)
+    store.put("db", "postgresql", "000000010000000000000001", wal, covers_until="2026-11-25T11:46:34.123456Z")
+    store.put("db", "postgresql", "00000002.history", b"", covers_until="2026-11-25T11:46:35.000000Z")
+    reader = doc_reader.DocReader(str(tmp_path / "repo"), PASSPHRASE)
+    assert reader.log_file("db", "postgresql", "000000010000000000000001") == wal
+    assert reader.log_file("db", "postgresql", "00000002.history") == b""
+    restore_everything(reader, _expected)  # log chunks and records do not disturb restore points
 
 
 def test_reader_ignores_temporaries_and_finds_chunks_in_trash(tmp_path):

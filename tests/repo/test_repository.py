@@ -96,6 +96,10 @@ def test_open_something_else(backend):
     backend.put(CONFIG, json.dumps({"format": "surepoint-repository", "version": 2}).encode())
     with pytest.raises(NotARepository, match="version 2"):
         Repository.open(backend, lambda: "")
+    config = json.loads(Repository.create(MemoryBackend(), chunk_size=CHUNK).backend.get(CONFIG))
+    backend.put(CONFIG, json.dumps({**config, "digest": "sha256"}).encode())
+    with pytest.raises(NotARepository, match="digest 'sha256'"):
+        Repository.open(backend, lambda: "")
 
 
 def test_resolve_references(repository):

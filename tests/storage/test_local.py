@@ -98,3 +98,20 @@ def test_storage_errors_are_one_line(tmp_path):
         assert list((tmp_path / "repo" / "locks").iterdir()) == []
     finally:
         os.chmod(tmp_path / "repo" / "locks", 0o700)
+
+
+def test_new_directories_become_durable(tmp_path, monkeypatch):
+    """An object put durably into new nested directories: every new directory entry is fsynced."""
+    backend = storage.open(str(tmp_path / "repo"), create=True)
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    backend.put("logs/series/writer/000000010000000000000001", b"wal", durable=True)
+    root = str(tmp_path / "repo")
+    for directory in (root, f"{root}/logs", f"{root}/logs/series", f"{root}/logs/series/writer"):
+        assert directory in synced, (directory, synced)
