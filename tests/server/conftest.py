@@ -116,24 +116,21 @@ passphrase_file = "passphrase"
         subprocess.run([SUREPOINT, "umount", "--all"], env=self.env, capture_output=True, timeout=60, check=False)
 
     def token(self, user: str = "admin") -> str:
-        if user == "admin" and self._token:
+        """An API token of admin, made through the console login and the API (as a user would)."""
+        assert user == "admin"
+        if self._token:
             return self._token
-        proc = subprocess.run(
-            [SUREPOINT, "server", "--config", str(self.config), "--create-token", f"test-{user}", "--user", user],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        token = proc.stdout.strip()
-        if user == "admin":
-            self._token = token
-        return token
+        with httpx.Client(base_url=self.url + "/api/v1", timeout=60, verify=False) as web:  # noqa: S501
+            login = web.post("/login", json={"name": "admin", "password": ADMIN_PASSWORD})
+            assert login.status_code == 200, login.text
+            made = web.post("/tokens", json={"name": "tests"}, headers={"X-CSRF-Token": login.json()["csrf"]})
+            assert made.status_code == 201, made.text
+        self._token = made.json()["token"]
+        return self._token
 
-    def client(self, user: str = "admin") -> httpx.Client:
+    def client(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url + "/api/v1", headers={"Authorization": f"Bearer {self.token(user)}"}, timeout=60
+            base_url=self.url + "/api/v1", headers={"Authorization": f"Bearer {self.token()}"}, timeout=60
         )
 
     def wait_session(self, client: httpx.Client, session_id: int, timeout: float = 120) -> dict:

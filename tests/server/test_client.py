@@ -60,7 +60,15 @@ def test_client_runs_jobs_follows_sessions_and_cancels(server: ServerProcess, tm
         assert api.post("/jobs", json=files_job("second", other, after_job="first")).status_code == 201
         assert api.post("/jobs", json=files_job("big", big)).status_code == 201
 
-        listed = client(server, "jobs", "list", "--json")
+        made = subprocess.run(
+            [SUREPOINT, "server", "--config", str(server.config), "--create-token", "cli"],
+            env=server.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0 and made.stdout.startswith("sp_"), made.stderr
+        listed = client(server, "jobs", "list", "--json", token=made.stdout.strip())
         assert listed.returncode == 0, listed.stderr
         assert [j["name"] for j in json.loads(listed.stdout)] == ["big", "first", "second"]
 
