@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: typer evaluates the annotations of
 """
 
 import os
+import shlex
 import sys
 from typing import Annotated
 
@@ -14,8 +15,10 @@ from surepoint.errors import UsageError
 
 def _forced_path_note(path: str) -> None:
     """A client that asked for another path than the forced command serves gets a note on stderr."""
-    original = os.environ.get("SSH_ORIGINAL_COMMAND", "")
-    words = original.split()
+    try:
+        words = shlex.split(os.environ.get("SSH_ORIGINAL_COMMAND", ""))
+    except ValueError:
+        return
     if len(words) >= 3 and words[-2] == "serve" and os.path.abspath(words[-1]) != os.path.abspath(path):
         sys.stderr.write(f"surepoint serve: this key serves {path} only (the client asked for {words[-1]})\n")
 
