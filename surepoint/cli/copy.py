@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
     def copy(
         ctx: typer.Context,
         names: Annotated[list[str] | None, typer.Argument(help="Only restore points of these names.")] = None,
-        source: Annotated[str, typer.Option("--from", help="Source repository (path, ssh://...).")] = "",
+        source: Annotated[str, typer.Option("--from", help="Source repository (path, ssh://..., s3://...).")] = "",
         target: Annotated[
             str | None, typer.Option("--to", help="Target repository (default: --repo / SUREPOINT_REPO).")
         ] = None,
@@ -72,11 +72,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         as_json: JsonOption = False,
     ) -> None:
-        """Copy the restore points the target repository lacks from the source (--from), chunks it lacks only.
+        """Copy the restore points the target repository lacks from the source (--from), sending only missing chunks.
 
-        The source's passphrase comes from SUREPOINT_FROM_PASSPHRASE or SUREPOINT_FROM_PASSPHRASE_FILE,
-        the target's from the usual SUREPOINT_PASSPHRASE / --passphrase-file. A copy that is
-        interrupted leaves no partial restore point; run it again to send the rest.
+        Passphrases: the source's from SUREPOINT_FROM_PASSPHRASE(_FILE), the target's as usual.
+        An interrupted copy leaves no partial restore point: run it again to send the rest.
         """
         from surepoint.jobs.copy import CopyOptions, copy_restore_points
         from surepoint.progress import byte_progress

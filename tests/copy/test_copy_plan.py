@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from surepoint.jobs.copy import COPY_METADATA, Throttle, plan_copy
 from surepoint.repo.manifest import RestorePoint
 
@@ -50,3 +53,24 @@ def test_throttle_holds_the_rate():
     started = time.monotonic()
     unlimited.take(1 << 40)
     assert time.monotonic() - started < 0.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 28)), max_size=12),
+    st.sets(st.integers(0, 11)),
+    st.sets(st.sampled_from("abc")),
+)
+def test_plan_properties(specs, on_target, names):
+    source = [point(f"p{i:02d}", name, day) for i, (name, day) in enumerate(specs)]
+    target = [point(p.id, p.name, int(p.created[8:10]), SOURCE) for i, p in enumerate(source) if i in on_target]
+    wanted, skipped, present = plan_copy(source, target, SOURCE, names=sorted(names))
+    target_ids = {p.id for p in target}
+    considered = [p for p in source if not names or p.name in names]
+    # Every considered point is accounted for exactly once; nothing on the target is copied again.
+    assert len(wanted) + len(skipped) + present == len(considered)
+    assert not {p.id for p in wanted} & target_ids
+    assert [(p.created, p.id) for p in wanted] == sorted((p.created, p.id) for p in wanted)
+    # Nothing older than a copy of its name already on the target is planned.
+    for p in wanted:
+        assert all(t.created <= p.created for t in target if t.name == p.name)
