@@ -333,7 +333,7 @@ def _job_form_defaults(job: dict | None) -> dict:
     spec = job["spec"]
     targets = (
         spec.get("paths")
-        or spec.get("vms")
+        or (spec.get("vms", []) + spec.get("patterns", []))
         or spec.get("targets")
         or ([spec["job_file"]] if "job_file" in spec else [])
     )
@@ -370,7 +370,8 @@ def job_from_form(form: dict) -> jobstore.JobIn:
         if form.get("point_name", "").strip():
             spec["name"] = form["point_name"].strip()
     elif kind == "vm":
-        spec = {"vms": targets}
+        patterns = [t for t in targets if any(c in t for c in "*?[")]
+        spec = {"vms": [t for t in targets if t not in patterns], "patterns": patterns}
     elif kind == "lab":
         spec = {"targets": targets}
     elif kind == "job_file":

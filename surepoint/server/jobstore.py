@@ -62,7 +62,7 @@ def _validate(db: Database, config: ServerConfig, job: JobIn, job_id: int | None
         raise UsageError(f"unknown job kind {job.kind!r}")
     config.repository(job.repository)
     spec = parse_spec(job.kind, job.spec)
-    spec.plan(config, job.repository)  # raises on specs that validate but cannot run (no keep_* rule...)
+    spec.check(config, job.repository)
     schedule = (job.schedule or "").strip() or None
     if schedule:
         check_schedule(schedule, job.timezone)

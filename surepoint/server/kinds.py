@@ -8,9 +8,10 @@ restore_files, instant) run as sessions without a job.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from surepoint.errors import UsageError
 from surepoint.server.config import ServerConfig
@@ -29,6 +30,10 @@ class Spec(BaseModel):
     def plan(self, config: ServerConfig, repository: str) -> tuple[list[list[str]], dict[str, str]]:
         """The command lines to run against `repository`, and environment variables they need."""
         return self.steps(), {}
+
+    def check(self, config: ServerConfig, repository: str) -> None:
+        """UsageError for a spec that validates but could never run (a retention job without a rule)."""
+        self.plan(config, repository)
 
     def protects(self) -> list[str]:
         """Names of the systems whose restore points this job makes (for RPO alerts)."""
@@ -60,19 +65,53 @@ class FilesSpec(Spec):
 
 
 class VmSpec(Spec):
-    vms: Annotated[list[Ref], Field(min_length=1, max_length=256)]
+    """Running VMs by name, and by name pattern (shell-style, over the running QEMU processes,
+    libvirt domains and the inventory file), expanded when the session starts."""
+
+    vms: Annotated[list[Ref], Field(max_length=256)] = []
+    patterns: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f-][^\x00-\x1f]*$")]],
+        Field(max_length=64),
+    ] = []
+    inventory: Path | None = None
     parallel: Annotated[int, Field(ge=1, le=16)] = 2
     fallback: Literal["try", "require"] = "try"
     quiesce: bool = True
     full: bool = False
 
+    @model_validator(mode="after")
+    def _some_vm(self) -> VmSpec:
+        if not self.vms and not self.patterns:
+            raise ValueError("name VMs (vms) or name patterns (patterns)")
+        return self
+
+    def names(self) -> list[str]:
+        """The VMs this session backs up: those named, and those a pattern matches now."""
+        names = list(self.vms)
+        if self.patterns:
+            from surepoint.vm.inventory import load_inventory, running_vms
+
+            known = {v.name for v in running_vms()}
+            if self.inventory:
+                known |= {v.name for v in load_inventory(self.inventory)}
+            matched = sorted(n for n in known if any(fnmatch.fnmatchcase(n, p) for p in self.patterns))
+            if not matched and not names:
+                raise UsageError(f"no VM matches {', '.join(self.patterns)}")
+            names += [n for n in matched if n not in names]
+        return names
+
     def steps(self) -> list[list[str]]:
-        argv = ["backup", "vm", *self.vms, "--json", "--parallel", str(self.parallel), "--fallback", self.fallback]
+        argv = ["backup", "vm", *self.names(), "--json", "--parallel", str(self.parallel), "--fallback", self.fallback]
+        if self.inventory:
+            argv += ["--inventory", self.inventory]
         if not self.quiesce:
             argv.append("--no-quiesce")
         if self.full:
             argv.append("--full")
         return [argv]
+
+    def check(self, config: ServerConfig, repository: str) -> None:
+        pass  # which VMs a pattern matches is only known when the session starts
 
     def protects(self) -> list[str]:
         return list(self.vms)

@@ -223,7 +223,7 @@ class Scheduler:
         failed = (json.loads(session["result"] or "{}") or {}).get("failed_vms") or []
         if not failed:
             return
-        spec = dict(json.loads(session["spec"]), vms=failed)
+        spec = dict(json.loads(session["spec"]), vms=failed, patterns=[])
         when = datetime.now(UTC) + timedelta(seconds=job["retry_delay"])
         try:
             self.enqueue(job, "retry", spec=spec, attempt=session["attempt"] + 1, not_before=when)

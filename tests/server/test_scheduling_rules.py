@@ -145,3 +145,25 @@ def test_jobs_after_jobs_and_session_retention(rig) -> None:
     assert scheduler.prune_sessions() == 1
     assert db.one("SELECT COUNT(*) AS n FROM session_log WHERE session_id = ?", (s1,))["n"] == 0
     assert db.one("SELECT id FROM sessions WHERE id = ?", (s2,))
+
+
+def test_vm_patterns_expand_when_the_session_starts(tmp_path: Path) -> None:
+    from surepoint.errors import UsageError
+    from surepoint.server.kinds import parse_spec
+
+    inventory = tmp_path / "vms.toml"
+    inventory.write_text(
+        "".join(f'[vm.{n}]\nqmp = "/run/{n}.qmp"\n' for n in ("srvtest-web1", "srvtest-web2", "srvtest-db1"))
+    )
+    config = ServerConfig(state_dir=str(tmp_path), repositories={"a": RepositoryConfig(name="a", location="/a")})
+    spec = parse_spec("vm", {"patterns": ["srvtest-web*"], "vms": ["mail"], "inventory": str(inventory)})
+    spec.check(config, "a")
+    [argv], _env = spec.plan(config, "a")
+    assert argv[:5] == ["backup", "vm", "mail", "srvtest-web1", "srvtest-web2"]
+    assert argv[argv.index("--inventory") + 1] == str(inventory)
+    nothing = parse_spec("vm", {"patterns": ["srvtest-none-*"], "inventory": str(inventory)})
+    nothing.check(config, "a")  # a job may name VMs that are not there yet
+    with pytest.raises(UsageError, match="no VM matches srvtest-none-"):
+        nothing.plan(config, "a")
+    with pytest.raises(UsageError, match="name VMs"):
+        parse_spec("vm", {"parallel": 2})
