@@ -38,6 +38,7 @@ from surepoint.errors import (
     SurepointError,
     UnreadableRestorePoints,
 )
+from surepoint.interrupt import Interrupted, handle_signals, report
 
 app = typer.Typer(
     help="Image-level backup of disks and virtual machines into a deduplicating, verifiable repository.",
@@ -97,8 +98,13 @@ def error_with_hint(exc: SurepointError) -> str:
 
 def main() -> None:
     """Entry point: run the app and turn errors a user can cause into one line (and a hint) and an exit code."""
+    handle_signals()
     try:
         app()
+    except Interrupted as exc:
+        # one line: what the interruption leaves behind (locks and partial files are gone by now)
+        say_error(report(exc))
+        sys.exit(exc.exit_code)
     except SurepointError as exc:
         # soft_wrap (in common.err): one line, never wrapped; no markup: messages hold paths and guest text
         say_error(error_with_hint(exc))

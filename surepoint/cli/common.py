@@ -23,22 +23,37 @@ from surepoint.catalog import Catalog, default_catalog_path
 from surepoint.errors import DamagedData, SurepointError, UsageError
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
+from surepoint.text import printable
 from surepoint.timestamps import format_utc
 
 EXIT_DAMAGE = DamagedData.exit_code
 
+
+class SafeConsole(Console):
+    """A console that escapes control characters in every string it prints (messages, table cells).
+
+    Names from guests and users are escaped where they are formatted (surepoint.text.printable);
+    this is the last guard for anything that was not: an escape sequence never reaches the terminal.
+    """
+
+    def render_str(self, text: str, **kwargs) -> Text:
+        return super().render_str(printable(text, lines=True), **kwargs)
+
+
 # Wide tables when piped, so ids and dates are never cut short in logs.
 # No markup: names, paths and messages come from users and guests and are printed as they are.
-out = Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True, markup=False, highlight=False)
+out = SafeConsole(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+err = SafeConsole(
+    stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True, markup=False, highlight=False
+)
 
 
 def say_error(message: str) -> None:
-    err.print(Text.assemble(("error:", "red"), " ", message))
+    err.print(Text.assemble(("error:", "red"), " ", printable(message, lines=True)))
 
 
 def say_warning(message: str) -> None:
-    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+    err.print(Text.assemble(("warning:", "yellow"), " ", printable(message, lines=True)))
 
 
 def log_line(message: str) -> None:

@@ -12,6 +12,7 @@ from surepoint.cli.common import EXIT_DAMAGE, Context, JsonOption, err, out, par
 from surepoint.jobs.after_verify import prune_after_verify
 from surepoint.jobs.verify import verify_and_record
 from surepoint.progress import count_progress
+from surepoint.text import printable
 
 
 def verify(
@@ -51,11 +52,11 @@ def verify(
         )
         for p in report.points:
             colour = {"verified": "green", "damaged": "red"}.get(p.state, "yellow")
-            out.print(Text.assemble(f"  {p.id} {p.name}: ", (p.state, colour)))
+            out.print(Text.assemble(f"  {p.id} {printable(p.name)}: ", (p.state, colour)))
             for r in p.damaged:
                 out.print(f"    disk {r.disk} bytes {r.offset}-{r.offset + r.length - 1}: {r.reason}")
         for m in report.damaged_manifests:
-            out.print(Text.assemble("  ", ("damaged manifest", "red"), f" {m}"))
+            out.print(Text.assemble("  ", ("damaged manifest", "red"), f" {printable(m)}"))
     intact = {r.id for r in report.points if r.state == "verified"}
     prune_after_verify(
         repo,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from surepoint.errors import InvalidArgument
 from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.fsmap.source import free_space_summary, skip_free_space
 from surepoint.jobs.progress import Log, ProgressFactory, no_log
@@ -31,15 +32,19 @@ def backup_files(
     try:
         for path in paths:
             sources.append(FileDiskSource(path))
-        name = name or sources[0].name
-        base = None if full else repository.latest_named(name)
+        absolute = [os.path.abspath(p) for p in paths]
+        latest = repository.latest_named(name or sources[0].name)
+        if name is None:
+            name = sources[0].name
+            _check_same_sources(name, absolute, latest)
+        base = None if full else latest
         free_space: dict[int, dict] = {}
         if skip_free:
             sources, free_space = skip_free_space(sources, log=log)
         request = BackupRequest(
             name=name,
             sources=sources,
-            source_info={"kind": "files", "paths": [os.path.abspath(p) for p in paths]},
+            source_info={"kind": "files", "paths": absolute},
             disk_metadata=free_space,
             base=base,
             restore_point_id=repository.new_restore_point_id(),
@@ -51,7 +56,7 @@ def backup_files(
         advance = progress(sum(s.size for s in sources)) if progress else None
         try:
             point = run_backup(repository, request, progress=advance, log=log)
-        except Exception as exc:
+        except BaseException as exc:  # an interruption too: the job says it ended without a point
             job_events.record(Component.JOB, Phase.FINISH, Outcome.FAILED, str(exc) or type(exc).__name__)
             raise
     finally:
@@ -59,3 +64,18 @@ def backup_files(
             source.close()
     job_events.record(Component.JOB, Phase.COMMIT, Outcome.OK, f"restore point {point.id} committed")
     return point
+
+
+def _check_same_sources(name: str, paths: list[str], latest: RestorePoint | None) -> None:
+    """A name derived from a file name must not join the chain of other files that had the same name.
+
+    Without it, /a/web01/disk.img and /b/db01/disk.img would be one chain: the second diffed
+    against the first, and retention counting both as one machine's restore points."""
+    if latest is None:
+        return
+    before = latest.source.get("paths") if isinstance(latest.source, dict) else None
+    if before and before != paths:
+        raise InvalidArgument(
+            f"restore points named {name!r} are of {', '.join(before)}, not {', '.join(paths)}",
+            hint=f"give this source a name of its own with --name, or --name {name} to continue that chain",
+        )

@@ -152,6 +152,29 @@ def mount_restore_point(
             for v in probe
         ],
     )
+    # --foreground: a stop signal from now on (even while mounting) means "unmount and exit",
+    # handled once everything is mounted, never by breaking off halfway.
+    requested: list[int] = []
+    deferred = {}
+    if options.foreground:
+        deferred = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in STOP_SIGNALS}
+    try:
+        return _mount_and_serve(repository, point, state, probe, tables, options, say, requested)
+    finally:
+        for s, handler in deferred.items():
+            signal.signal(s, handler)
+
+
+def _mount_and_serve(
+    repository: Repository,
+    point: RestorePoint,
+    state: MountState,
+    probe: list[DiskView],
+    tables: dict[int, PartitionTable],
+    options: MountOptions,
+    say: Callable[[str], None],
+    requested: list[int],
+) -> MountState:
     state.save()
     try:
         server = _start_server(repository, point, state, probe, options)
@@ -175,7 +198,7 @@ def mount_restore_point(
         teardown(state, lazy=True)
         raise
     if options.foreground:
-        _wait_foreground(state, say)
+        _wait_foreground(state, say, requested)
     return state
 
 
@@ -244,6 +267,10 @@ def _start_server(
 
 def _become_server(state: MountState, foreground: bool, keep_fd: int) -> None:
     """Detach from the command: own session (or process group), stdio to the log, other fds closed."""
+    # The command's handlers are not the server's: libfuse installs its own (unmount and end the
+    # loop) only where a signal has its default action.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
     if foreground:
         os.setpgid(0, 0)  # Ctrl-C goes to the command, which then unmounts in order
     else:
@@ -348,19 +375,26 @@ def _mount_volume(state: MountState, view: DiskView, volume: Volume, say: Callab
     say(f"disk {view.number} {volume.name}: {fstype} mounted read-only at {path}")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _Stop(Exception):
     pass
 
 
-def _wait_foreground(state: MountState, say: Callable[[str], None]) -> None:
-    """--foreground: stay until Ctrl-C / SIGTERM (then unmount everything) or until the server ends."""
+def _wait_foreground(state: MountState, say: Callable[[str], None], requested: list[int]) -> None:
+    """--foreground: stay until Ctrl-C / SIGTERM (then unmount everything) or until the server ends.
+
+    `requested` holds the stop signals that came while mounting: they unmount at once."""
 
     def stop(signum, frame) -> None:
         raise _Stop()
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         try:
+            if requested:
+                raise _Stop()
             _, status = os.waitpid(state.pid, 0)  # type: ignore[arg-type]
         except _Stop:
             say("unmounting")

@@ -94,13 +94,21 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
         if kind not in READ_ONLY_KINDS:
             raise
         held = False
-    # Write first, then look: of two processes racing, at least one sees the other and backs off.
-    for other in read_locks(backend):
-        if other.id == record.id or other.kind not in CONFLICTS[kind] or is_stale(other):
-            continue
-        if held:
+    except BaseException:  # interrupted while writing it: it may be in place already
+        with suppress(Exception):
             backend.delete(name)
-        raise RepositoryLocked(f"repository is locked ({other.describe()})")
+        raise
+    # Write first, then look: of two processes racing, at least one sees the other and backs off.
+    try:
+        for other in read_locks(backend):
+            if other.id == record.id or other.kind not in CONFLICTS[kind] or is_stale(other):
+                continue
+            raise RepositoryLocked(f"repository is locked ({other.describe()})")
+    except BaseException:  # a conflict, or an interruption right after the lock was written
+        if held:
+            with suppress(Exception):
+                backend.delete(name)
+        raise
     if not held:
         yield record
         return
@@ -113,8 +121,8 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
                 backend.put(name, json.dumps(asdict(record)).encode())
 
     refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
-    refresher.start()
     try:
+        refresher.start()
         yield record
     finally:
         stop.set()

@@ -208,8 +208,10 @@ def loops_under(path: Path) -> list[str]:
     return [line for line in out.splitlines() if str(path) in line]
 
 
-def attached_loops() -> set[str]:
-    return {line.split(":")[0] for line in sh("losetup", "-a").splitlines() if line.strip()}
+def attached_loops(under: Path | None = None) -> set[str]:
+    """Loop devices attached (only those backed by a file below `under`: other tests run beside us)."""
+    lines = [line for line in sh("losetup", "-a").splitlines() if line.strip()]
+    return {line.split(":")[0] for line in lines if under is None or str(under) in line}
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -222,13 +224,13 @@ def mcli(tmp_path: Path):
     """The CLI with its own mount state directory; afterwards nothing it mounted or attached is left."""
     cli = Cli(tmp_path)
     cli.env["SUREPOINT_MOUNT_STATE_DIR"] = str(tmp_path / "mount-state")
-    before = attached_loops()
+    before = attached_loops(tmp_path)
     yield cli
     cli.run("umount", "--all", "--lazy")
     deadline = time.monotonic() + 10  # loops of lazily unmounted filesystems go when those are released
-    while attached_loops() - before and time.monotonic() < deadline:
+    while attached_loops(tmp_path) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    new_loops = sorted(attached_loops() - before)
+    new_loops = sorted(attached_loops(tmp_path) - before)
     mounts = mounts_under(tmp_path)
     for line in mounts[::-1]:
         subprocess.run(["umount", "-l", line.split()[4]], check=False)

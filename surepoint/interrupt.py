@@ -1,0 +1,80 @@
+"""Clean interruptions: SIGINT and SIGTERM end a command the same way, saying what they leave behind.
+
+`main()` installs `handle_signals()` first thing: either signal raises `Interrupted` in the main
+thread. It is a BaseException (like KeyboardInterrupt), so no `except Exception` swallows it, and
+every `finally` and context manager on the way out runs: locks are released, partial files
+removed. What an interruption would leave (a block device half written, a VM half restored) is
+declared by the code doing it with `at_stake(...)`; `main()` prints those lines, records each as
+an event through the hook given with it, and exits 130 (SIGINT) or 143 (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+
+class Interrupted(BaseException):  # noqa: N818 - named like KeyboardInterrupt, which it replaces
+    """The command was stopped by a signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+        self.stakes = stakes()  # taken now: the blocks that declared them are left on the way out
+        super().__init__(f"interrupted by {self.signal_name}")
+
+
+@dataclass
+class Stake:
+    """What stopping now would leave behind, and how to record it as an event."""
+
+    description: str  # "target /dev/vg0/web01 is half written"
+    record: Callable[[str], None] | None = None
+
+
+_stakes: list[Stake] = []
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def at_stake(description: str, record: Callable[[str], None] | None = None) -> Iterator[None]:
+    """While the block runs, an interruption reports `description` (and records it with `record`)."""
+    stake = Stake(description, record)
+    with _lock:
+        _stakes.append(stake)
+    try:
+        yield
+    finally:
+        with _lock:
+            _stakes.remove(stake)
+
+
+def stakes() -> list[Stake]:
+    with _lock:
+        return list(_stakes)
+
+
+def _raise(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def handle_signals() -> None:
+    """SIGINT and SIGTERM raise Interrupted in the main thread from now on."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise)
+
+
+def report(exc: Interrupted) -> str:
+    """The one line an interruption prints; each stake's event is recorded (failures ignored)."""
+    held = exc.stakes
+    for stake in held:
+        if stake.record is not None:
+            with contextlib.suppress(Exception):
+                stake.record(f"{exc}: {stake.description}")
+    if not held:
+        return f"{exc}"
+    return f"{exc}: " + "; ".join(stake.description for stake in held)
