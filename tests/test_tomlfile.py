@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from surepoint.errors import ConfigError
-from surepoint.jobs.config import parse_job
+from surepoint.jobs.job_file import parse_job
 from surepoint.tomlfile import check_known, one_of, positive_seconds, read_toml
 
 

@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
         Run it every few minutes between image backups (cron, a timer): `restore-app --at` replays
         what it shipped.
         """
-        from surepoint.jobs.config import load_job
+        from surepoint.jobs.job_file import load_job
         from surepoint.jobs.log_shipping import ship_logs
 
         c: Context = ctx.obj

@@ -29,9 +29,9 @@ from surepoint.cli.common import (
 )
 from surepoint.errors import UsageError
 from surepoint.events import EventRecorder
-from surepoint.jobs.config import load_job
 from surepoint.jobs.file_backup import backup_files
 from surepoint.jobs.host_backup import run_job
+from surepoint.jobs.job_file import load_job
 from surepoint.progress import byte_progress
 from surepoint.repo.manifest import RestorePoint
 

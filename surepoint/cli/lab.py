@@ -18,7 +18,7 @@ DEFAULT_REPORT_DIR = "/var/lib/surepoint/lab-reports"
 
 def _targets(repo, refs: list[str]) -> list:
     """Restore points from ids / NAME:latest, or the latest restore point of each VM job file given."""
-    from surepoint.jobs.config import load_job
+    from surepoint.jobs.job_file import load_job
 
     points = []
     for ref in refs:
@@ -78,8 +78,8 @@ def register(app: typer.Typer) -> None:
         """
         from surepoint.jobs.after_verify import prune_after_verify
         from surepoint.jobs.verify import verify_and_record
-        from surepoint.lab.config import load_lab_config, parse_lab_config
-        from surepoint.lab.runner import Lab
+        from surepoint.lab.lab_file import load_lab_config, parse_lab_config
+        from surepoint.lab.verification import Lab
         from surepoint.mount.manager import MountOptions
 
         c: Context = ctx.obj
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
     @lab_app.command("clean")
     def lab_clean(as_json: JsonOption = False) -> None:
         """Remove what crashed or killed labs left behind: VMs, overlays, mounts, namespaces."""
-        from surepoint.lab.state import clean_leftovers
+        from surepoint.lab.records import clean_leftovers
 
         if os.geteuid() != 0:
             raise UsageError("cleaning up labs needs root")
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
     @lab_app.command("list")
     def lab_list(as_json: JsonOption = False) -> None:
         """Labs that are running now (and leftovers of labs that died)."""
-        from surepoint.lab.state import load_labs
+        from surepoint.lab.records import load_labs
 
         labs = load_labs()
         rows = [

@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         all_mounts: Annotated[bool, typer.Option("--all", help="Unmount every surepoint mount on this host.")] = False,
     ) -> None:
         """Unmount a restore point: its filesystems, loop devices and FUSE server (and clean crashed mounts)."""
-        from surepoint.mount.state import clean_stale, find_state, load_states, teardown
+        from surepoint.mount.records import clean_stale, find_state, load_states, teardown
 
         if bool(directory) == all_mounts:
             raise UsageError("give DIR or --all")
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
     @app.command("mounts")
     def mounts(as_json: JsonOption = False) -> None:
         """List the restore points mounted on this host."""
-        from surepoint.mount.state import load_states
+        from surepoint.mount.records import load_states
 
         states = load_states()
         if as_json:
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
         from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, pick_volume
         from surepoint.mount.files import restore_files as copy_files
         from surepoint.mount.manager import MountOptions, mount_restore_point
-        from surepoint.mount.state import clean_stale, load_states, teardown
+        from surepoint.mount.records import clean_stale, load_states, teardown
         from surepoint.vm.inventory import guest_agent_for
 
         c: Context = ctx.obj
@@ -243,6 +243,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _state_dir() -> str:
-    from surepoint.mount.state import state_dir
+    from surepoint.mount.records import state_dir
 
     return state_dir()

@@ -10,7 +10,7 @@ from rich.table import Table
 from surepoint.cli.common import JsonOption, out, print_json
 from surepoint.consistency.detect import detect_host_applications, identify_configured
 from surepoint.consistency.runner import HostRunner
-from surepoint.jobs.config import load_job
+from surepoint.jobs.job_file import load_job
 
 writers_app = typer.Typer(help="Application-aware processing: what writers find.", no_args_is_help=True)
 

@@ -148,7 +148,7 @@ def _fmt(moment: datetime) -> str:
 def mounted_point(repository: Repository, point: RestorePoint, say: Callable[[str], None]) -> Iterator[list[str]]:
     """The point's filesystems, mounted read-only for the block: a live mount is reused, else one is made."""
     from surepoint.mount.manager import MountOptions, mount_restore_point
-    from surepoint.mount.state import clean_stale, load_states, state_dir, teardown
+    from surepoint.mount.records import clean_stale, load_states, state_dir, teardown
 
     clean_stale(log=say)
     for state in load_states():

@@ -14,7 +14,7 @@ from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.fsmap.source import free_space_summary, skip_free_space
 from surepoint.host_snapshot import remove_snapshots, snapshot_files
-from surepoint.jobs.config import JobConfig
+from surepoint.jobs.job_file import JobConfig
 from surepoint.jobs.vm_backup import VmJobOptions, backup_vm
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.manifest import RestorePoint

@@ -16,7 +16,7 @@ from surepoint.consistency.log_sources import LOG_SOURCES
 from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.errors import SurepointError, UsageError
 from surepoint.events import EventRecorder
-from surepoint.jobs.config import JobConfig
+from surepoint.jobs.job_file import JobConfig
 from surepoint.repo.locks import repository_lock
 from surepoint.repo.logstore import LogStore
 from surepoint.repo.repository import Repository

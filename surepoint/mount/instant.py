@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import InUse, InvalidArgument, NeedsRoot, NotAVmBackup, NotFound, SurepointError, TargetError
 from surepoint.mount.manager import MountOptions, mount_restore_point
-from surepoint.mount.state import clean_stale, find_state, is_mountpoint, teardown
+from surepoint.mount.records import clean_stale, find_state, is_mountpoint, teardown
 from surepoint.processes import process_start, same_process
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository

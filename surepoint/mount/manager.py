@@ -32,7 +32,7 @@ from surepoint.mount.reader import (
     DiskReader,
     Prefetcher,
 )
-from surepoint.mount.state import MountState, clean_stale, is_mountpoint, run, teardown
+from surepoint.mount.records import MountState, clean_stale, is_mountpoint, run, teardown
 from surepoint.processes import process_start
 from surepoint.repo.locks import is_stale, read_locks
 from surepoint.repo.manifest import RestorePoint

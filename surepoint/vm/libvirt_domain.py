@@ -16,6 +16,9 @@ of its own, are given to that user before QEMU is asked to open them. A MAC conf
 
 Disks are named by their libvirt target (vda, sdb, ...) rather than by libvirt's node names
 (libvirt-2-format), which change when the domain restarts.
+
+Some 500 lines on purpose: this is the one adapter to libvirt (finding domains, QMP and agent
+pass-through, ownership of temporary files), kept together so the rest of vm/ never imports libvirt.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Why: the backup reads a running VM's disks from QEMU's NBD server (there is no k
 lean on here). It speaks the fixed-newstyle handshake with structured replies and metadata contexts
 (`base:allocation` for holes, `qemu:dirty-bitmap:NAME` for changed-block tracking), per the NBD
 protocol (doc/proto.md of the NetworkBlockDevice/nbd project). One request in flight at a time.
+
+Over 500 lines on purpose: the client and the DiskSource built on it are one protocol's handling,
+and the reply parsing is easier to check against the specification in one place.
 """
 
 from __future__ import annotations

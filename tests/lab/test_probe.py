@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from surepoint.errors import ConfigError
-from surepoint.lab.checks import CheckContext, CheckSpec, parse_check, run_check
+from surepoint.lab.check_spec import CheckSpec, parse_check
+from surepoint.lab.checks import CheckContext, run_check
 from surepoint.lab.probe import run_probe
 
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, parse_check, run_check
+from surepoint.lab.check_spec import parse_check
+from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
 
 pytestmark = [pytest.mark.kvm]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from surepoint.errors import ConfigError
-from surepoint.lab.config import load_lab_config, parse_lab_config
+from surepoint.lab.lab_file import load_lab_config, parse_lab_config
 
 GOOD = """
 [lab]

@@ -11,7 +11,7 @@ anything outside the lab; the ping and port tests run from inside the namespace.
 Then the chunks of every restore point that booted are checked (integrity), everything the lab made
 is removed, and each VM's outcome is recorded in the catalog as a "recovery" verification: a
 restore point counts as verified only with both records passed. The whole run is bounded by the
-lab's timeout; a lab that dies is cleaned up by the next one (surepoint.lab.state).
+lab's timeout; a lab that dies is cleaned up by the next one (surepoint.lab.records).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from dataclasses import asdict
 from surepoint.catalog import Catalog
 from surepoint.errors import InvalidArgument, NeedsRoot, NotAVmBackup, SurepointError
 from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
-from surepoint.lab.config import LabConfig, LabVmSpec
+from surepoint.lab.lab_file import LabConfig, LabVmSpec
 from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
+from surepoint.lab.records import LabState, clean_leftovers, new_lab_id, teardown_lab
 from surepoint.lab.report import FAILED, NOT_RUN, PASSED, LabReport, VmResult
-from surepoint.lab.state import LabState, clean_leftovers, new_lab_id, teardown_lab
 from surepoint.mount.instant import discard_instant, start_instant
 from surepoint.mount.manager import MountOptions
 from surepoint.repo.manifest import RestorePoint

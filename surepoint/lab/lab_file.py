@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from surepoint.errors import ConfigError
-from surepoint.lab.checks import CheckSpec, parse_check
+from surepoint.lab.check_spec import CheckSpec, parse_check
 from surepoint.tomlfile import check_known, positive_seconds, read_toml
 
 NETWORK_MODES = ("isolated", "none")
