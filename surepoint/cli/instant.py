@@ -10,6 +10,7 @@ import typer
 
 from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json, with_hints
 from surepoint.errors import InUse, NotAVmBackup, NotFound, UsageError
+from surepoint.events import Component, EventRecorder, Outcome, Phase
 
 
 def register(app: typer.Typer) -> None:
@@ -80,11 +81,10 @@ def register(app: typer.Typer) -> None:
             if discard:
                 session = discard_instant(workdir, log=say)
                 with contextlib.suppress(Exception):
-                    c.catalog().add_event(
-                        session.repository,
-                        "instant",
-                        "discard",
-                        "ok",
+                    EventRecorder(c.catalog(), session.repository).record(
+                        Component.INSTANT,
+                        Phase.DISCARD,
+                        Outcome.OK,
                         f"instant VM in {session.workdir} discarded",
                         restore_point=session.restore_point,
                     )
@@ -95,11 +95,10 @@ def register(app: typer.Typer) -> None:
                 return
             session = migrate_instant(workdir, migrate_to, log=say)  # type: ignore[arg-type]
             with contextlib.suppress(Exception):
-                c.catalog().add_event(
-                    session.repository,
-                    "instant",
-                    "migrate",
-                    "ok",
+                EventRecorder(c.catalog(), session.repository).record(
+                    Component.INSTANT,
+                    Phase.MIGRATE,
+                    Outcome.OK,
                     f"instant VM migrated to {session.migrated_to}",
                     restore_point=session.restore_point,
                 )
@@ -124,11 +123,10 @@ def register(app: typer.Typer) -> None:
             log=say,
         )
         with contextlib.suppress(Exception):
-            c.catalog().add_event(
-                repo.id,
-                "instant",
-                "boot",
-                "ok",
+            EventRecorder(c.catalog(), repo.id).record(
+                Component.INSTANT,
+                Phase.BOOT,
+                Outcome.OK,
                 f"instant VM booted from the repository in {session.workdir}",
                 restore_point=point.id,
             )

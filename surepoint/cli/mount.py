@@ -13,6 +13,7 @@ import typer
 
 from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json, with_hints
 from surepoint.errors import InUse, NeedsRoot, SurepointError, UsageError
+from surepoint.events import Component, EventRecorder, Outcome, Phase
 
 
 def _mount_table(state) -> list[list[str]]:
@@ -69,7 +70,9 @@ def register(app: typer.Typer) -> None:
             out.print(f"unmounted {state.dir}")
             return
         with contextlib.suppress(Exception):
-            c.catalog().add_event(repo.id, "mount", "mount", "ok", f"mounted at {state.dir}", restore_point=point.id)
+            EventRecorder(c.catalog(), repo.id).record(
+                Component.MOUNT, Phase.MOUNT, Outcome.OK, f"mounted at {state.dir}", restore_point=point.id
+            )
         if as_json:
             print_json(state.to_json())
             return
@@ -214,11 +217,10 @@ def register(app: typer.Typer) -> None:
                 with contextlib.suppress(OSError):
                     os.rmdir(own_dir)
         with contextlib.suppress(Exception):
-            c.catalog().add_event(
-                repo.id,
-                "restore",
-                "files",
-                "ok" if not report.errors else "failed",
+            EventRecorder(c.catalog(), repo.id).record(
+                Component.RESTORE,
+                Phase.FILES,
+                Outcome.OK if not report.errors else Outcome.FAILED,
                 f"{report.files} files, {report.dirs} directories, {report.symlinks} symlinks to "
                 + (f"VM {into_vm}:{to}" if into_vm else to),
                 restore_point=point.id,

@@ -9,6 +9,7 @@ import typer
 from surepoint import __version__, storage
 from surepoint.cli.common import Context, out, read_passphrase
 from surepoint.errors import UsageError
+from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.repo.locks import read_locks, remove_stale_locks
 from surepoint.repo.repository import DEFAULT_CHUNK_SIZE, Repository
 
@@ -72,7 +73,7 @@ def passwd(
         missing="give the new passphrase in SUREPOINT_NEW_PASSPHRASE or --new-passphrase-file",
     )
     repo.change_passphrase(c.passphrase(), new)
-    c.catalog().add_event(repo.id, "repository", "passwd", "ok", "passphrase changed")
+    EventRecorder(c.catalog(), repo.id).record(Component.REPOSITORY, Phase.PASSWD, Outcome.OK, "passphrase changed")
     out.print(f"passphrase of repository {repo.id} changed")
 
 

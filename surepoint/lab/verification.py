@@ -24,6 +24,7 @@ from dataclasses import asdict
 
 from surepoint.catalog import Catalog
 from surepoint.errors import InvalidArgument, NeedsRoot, NotAVmBackup, SurepointError
+from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
 from surepoint.lab.lab_file import LabConfig, LabVmSpec
 from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
@@ -66,6 +67,7 @@ class Lab:
     ) -> None:
         self.repository = repository
         self.catalog = catalog
+        self.events = EventRecorder(catalog, repository.id)
         self.config = config
         self.targets = targets
         self.integrity = integrity
@@ -103,7 +105,12 @@ class Lab:
                 "addresses": list(self.config.addresses),
             },
         )
-        self._event("lab", "start", "ok", f"lab {lab_id}: {len(group)} group VM(s), {len(self.targets)} to verify")
+        self.events.record(
+            Component.LAB,
+            Phase.START,
+            Outcome.OK,
+            f"lab {lab_id}: {len(group)} group VM(s), {len(self.targets)} to verify",
+        )
         try:
             self.network = LabNetwork.create(
                 state.namespace, self.config.addresses, isolated=self.config.network == "isolated"
@@ -189,12 +196,18 @@ class Lab:
             result.reason = f"did not boot: {exc}"
             result.seconds = round(time.monotonic() - started, 1)
             result.nics = [asdict(n) for n in nics]
-            self._event("lab", "boot", "failed", f"{result.name}: {exc}", point.id)
+            self.events.record(
+                Component.LAB, Phase.BOOT, Outcome.FAILED, f"{result.name}: {exc}", restore_point=point.id
+            )
             return result
         result.boot_seconds = session.boot_seconds
         result.nics = [asdict(n) for n in nics]
-        self._event(
-            "lab", "boot", "ok", f"{result.name}: guest agent answered after {session.boot_seconds} s", point.id
+        self.events.record(
+            Component.LAB,
+            Phase.BOOT,
+            Outcome.OK,
+            f"{result.name}: guest agent answered after {session.boot_seconds} s",
+            restore_point=point.id,
         )
         isolated = self.config.network == "isolated"
         context = CheckContext(
@@ -212,12 +225,12 @@ class Lab:
                 context.addresses = self._wait_for_addresses(session.guest_agent)
             outcome = run_check(test, context)
             result.tests.append(outcome)
-            self._event(
-                "lab",
+            self.events.record(
+                Component.LAB,
                 f"test {test.name}",
-                "ok" if outcome.outcome == PASSED else outcome.outcome,
+                Outcome.OK if outcome.outcome == PASSED else outcome.outcome,
                 _short(outcome),
-                point.id,
+                restore_point=point.id,
             )
             self.say(f"{result.name}: {test.name}: {outcome.outcome} ({outcome.seconds:.1f} s)")
             if test.type == "heartbeat" and outcome.outcome != PASSED:
@@ -262,23 +275,30 @@ class Lab:
     def _record(self, report: LabReport) -> None:
         for vm in report.vms:
             if vm.outcome == NOT_RUN:
-                self._event("lab", "verify", "skipped", f"{vm.name}: {vm.reason}", vm.restore_point)
+                self.events.record(
+                    Component.LAB,
+                    Phase.VERIFY,
+                    Outcome.SKIPPED,
+                    f"{vm.name}: {vm.reason}",
+                    restore_point=vm.restore_point,
+                )
                 continue
             state = "verified" if vm.outcome == PASSED else "failed"
             details = dict(vm.to_dict(), lab_id=report.lab_id, lab_outcome=report.outcome)
             self.catalog.record_verification(self.repository.id, vm.restore_point, "recovery", state, details)
-            self._event(
-                "lab", "verify", "ok" if state == "verified" else "failed", f"{vm.name}: {vm.outcome}", vm.restore_point
+            self.events.record(
+                Component.LAB,
+                Phase.VERIFY,
+                Outcome.OK if state == "verified" else Outcome.FAILED,
+                f"{vm.name}: {vm.outcome}",
+                restore_point=vm.restore_point,
             )
-        self._event(
-            "lab",
-            "finish",
-            "ok" if report.outcome == PASSED else "failed",
+        self.events.record(
+            Component.LAB,
+            Phase.FINISH,
+            Outcome.OK if report.outcome == PASSED else Outcome.FAILED,
             f"lab {report.lab_id}: {report.outcome} in {report.seconds} s",
         )
-
-    def _event(self, component: str, phase: str, outcome: str, message: str, point: str | None = None) -> None:
-        self.catalog.add_event(self.repository.id, component, phase, outcome, message, restore_point=point)
 
 
 def _quiet_addresses(agent_path: str) -> list[str]:
