@@ -117,6 +117,7 @@ class Context:
         self.passphrase_file = passphrase_file
         self.catalog_path = catalog or default_catalog_path()
         self._catalog: Catalog | None = None
+        self._passphrase: str | None = None  # asked once per command, even when needed twice (passwd)
 
     def location(self) -> str:
         if not self.repo_location:
@@ -124,6 +125,11 @@ class Context:
         return self.repo_location
 
     def passphrase(self, *, confirm: bool = False) -> str:
+        if self._passphrase is None:
+            self._passphrase = self._read_passphrase(confirm)
+        return self._passphrase
+
+    def _read_passphrase(self, confirm: bool) -> str:
         return read_passphrase(
             env_var="SUREPOINT_PASSPHRASE",
             file=self.passphrase_file,
