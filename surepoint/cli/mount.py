@@ -6,7 +6,6 @@ which use names imported inside register().
 
 import contextlib
 import os
-import tempfile
 from typing import Annotated
 
 import typer
@@ -163,69 +162,20 @@ def register(app: typer.Typer) -> None:
         set-uid/set-gid bits are cleared unless --keep-setuid. An existing mount of the restore
         point is reused; otherwise one is made for the copy and taken down afterwards.
         """
-        from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, pick_volume
-        from surepoint.mount.files import restore_files as copy_files
-        from surepoint.mount.manager import MountOptions, mount_restore_point
-        from surepoint.mount.records import clean_stale, load_states, teardown
-        from surepoint.vm.inventory import guest_agent_for
+        from surepoint.jobs.file_restore import FileRestoreRequest, restore_files
 
         c: Context = ctx.obj
         repo = c.open_repository()
         point = repo.resolve(restore_point)
+        request = FileRestoreRequest(paths, to, disk, partition, overwrite, keep_setuid, into_vm, inventory)
         say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
-        clean_stale(log=say)
-        state = next(
-            (
-                s
-                for s in load_states()
-                if s.restore_point == point.id and s.repository == repo.id and s.status == "mounted" and s.alive()
-            ),
-            None,
-        )
-        own_dir = None
-        if state is None:
-            base = os.path.dirname(_state_dir().rstrip("/"))
-            os.makedirs(base, mode=0o700, exist_ok=True)
-            own_dir = tempfile.mkdtemp(prefix="restore-files-", dir=base)
-            try:
-                state = mount_restore_point(repo, point, own_dir, MountOptions(), say=say)
-            except BaseException:
-                os.rmdir(own_dir)
-                raise
-        report = CopyReport()
         try:
-            volume = pick_volume(state.mounts, disk, partition)
-            if into_vm:
-                agent = guest_agent_for(into_vm, inventory)
-                try:
-                    target = GuestTarget(agent, to, overwrite, report, keep_setuid)
-                    copy_files(volume["path"], paths, target, report)
-                finally:
-                    agent.close()
-            else:
-                target = LocalTarget(to, overwrite, report, keep_setuid)
-                try:
-                    copy_files(volume["path"], paths, target, report)
-                finally:
-                    target.close()
-        finally:
-            if own_dir is not None:
-                try:
-                    teardown(state, lazy=False)
-                except SurepointError:
-                    teardown(state, lazy=True)
-                with contextlib.suppress(OSError):
-                    os.rmdir(own_dir)
-        with contextlib.suppress(Exception):
-            EventRecorder(c.catalog(), repo.id).record(
-                Component.RESTORE,
-                Phase.FILES,
-                Outcome.OK if not report.errors else Outcome.FAILED,
-                f"{report.files} files, {report.dirs} directories, {report.symlinks} symlinks to "
-                + (f"VM {into_vm}:{to}" if into_vm else to),
-                restore_point=point.id,
-            )
-        where = f"VM {into_vm}:{to}" if into_vm else to
+            events = EventRecorder(c.catalog(), repo.id)
+        except SurepointError:
+            events = None  # no catalog: the files can still be restored
+        result = restore_files(repo, point, request, events=events, log=say)
+        report, volume = result.report, result.volume
+        where = request.where
         if as_json:
             print_json({"restore_point": point.id, "volume": volume, "target": where, **report.to_json()})
         else:
@@ -242,9 +192,3 @@ def register(app: typer.Typer) -> None:
             for line in report.errors:
                 err.print(f"  error: {line}")
             raise SurepointError(f"{len(report.errors)} path(s) could not be restored")
-
-
-def _state_dir() -> str:
-    from surepoint.mount.records import state_dir
-
-    return state_dir()
