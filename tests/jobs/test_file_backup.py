@@ -34,7 +34,8 @@ def test_backup_then_incremental_restores_each_point_exactly(repo, catalog, even
         restore_disk(repo, point, 0, str(target))
         assert sha256_file(target) == digest
 
-    phases = [(e.restore_point, e.component, e.phase, e.outcome) for e in catalog.events(repo.id)]
+    # (a "plan" event between says what the free-space maps found)
+    phases = [(e.restore_point, e.component, e.phase, e.outcome) for e in catalog.events(repo.id) if e.phase != "plan"]
     assert phases == [
         (first.id, "job", "start", "ok"),
         (first.id, "job", "commit", "ok"),
