@@ -1,9 +1,10 @@
 """The `surepoint` command line: the Typer app, its global options, and `main()`.
 
-Each command group lives in its own module (`repository`, `backup`, `points`, `restore`,
-`verify`, `retention`, `vm`, `writers`, `events`, `mount`, `instant`, `lab`) with a
-`register(app)` function; shared plumbing is in `common`. `main()` is the only place where
-errors become exit codes.
+Each command group lives in its own module with a `register(app)` function, listed below in the
+order of the help; shared plumbing (consoles, options, `Context`, the passphrase reader, JSON and
+size helpers, `with_hints`) is in `common`. A command parses, calls one function of
+`surepoint.jobs` (or of the layer under it) and renders. `main()` is the only place where errors
+become exit codes, and where the advice for them (`hint`) is printed.
 """
 
 from __future__ import annotations
