@@ -512,8 +512,9 @@ def session_page(request: Request, session_id: RowId) -> HTMLResponse:
         raise HTTPProblem(404, f"no session {session_id}")
     result = json.loads(row["result"]) if row["result"] else None
     lab = None
-    if row["kind"] == "lab" and result and result.get("steps"):
-        lab = result["steps"][-1]
+    if row["kind"] == "lab" and row["state"] not in ("queued", "starting", "running"):
+        steps = (result or {}).get("steps") or [None]
+        lab = steps[-1] if isinstance(steps[-1], dict) else {}
     lines = svc.db.query("SELECT id, time, line FROM session_log WHERE session_id = ? ORDER BY id", (session_id,))
     return _page(
         request,
@@ -521,7 +522,7 @@ def session_page(request: Request, session_id: RowId) -> HTMLResponse:
         user,
         session=row,
         result=json.dumps(result, indent=2) if result else "",
-        lab=lab if isinstance(lab, dict) else None,
+        lab=lab,
         lines=lines,
         may_operate=user.role in OPERATE,
     )

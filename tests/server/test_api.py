@@ -397,6 +397,36 @@ def test_console_forms_become_a_spec_or_one_usage_error(form: dict) -> None:
             assert str(exc) and "\n" not in str(exc)
 
 
+def test_console_shows_a_lab_report(env: Env, console) -> None:
+    from dataclasses import asdict
+
+    from surepoint.lab.checks import CheckResult
+    from surepoint.lab.report import LabReport, VmResult
+
+    c, _csrf = console
+    vm = VmResult("web01", "verified", "0123abcd", "web01", "2026-11-30T10:00:00Z", "application", outcome="passed")
+    vm.boot_seconds = 41.5
+    vm.tests = [CheckResult("heartbeat", "heartbeat", "passed", "<b>agent answered</b>", 0.2)]
+    report = LabReport("lab-1", "2026-11-30T10:00:00Z", "repo", network={"isolated": True, "namespace": "splab1"})
+    report.vms = [vm]
+    report.integrity = {"0123abcd": "verified"}
+    report.settle()
+    result = {"steps": [dict(report.to_dict(), report_files=["/var/lib/x.json"])], "failed_vms": []}
+    session_id = env.service.db.insert(
+        "INSERT INTO sessions (job_name, kind, repository, spec, trigger, state, queued, result) "
+        "VALUES ('lab of web01', 'lab', 'main', '{}', 'manual', 'success', 't', ?)",
+        (json.dumps(result),),
+    )
+    page = c.get(f"/sessions/{session_id}").text
+    section = page.split('id="lab-report"')[1].split("</section>")[0]
+    assert 'Lab lab-1: <span class="state passed">passed</span>' in section
+    assert "isolated namespace splab1" in section
+    assert 'heartbeat: <span class="state passed">passed</span>' in section
+    assert "41.5 s" in section
+    assert "<b>agent answered</b>" not in page  # guest output is escaped, never HTML
+    assert asdict(vm)["outcome"] == "passed"
+
+
 def test_openapi_document_lists_the_api(env: Env) -> None:
     doc = env.client.get("/openapi.json").json()
     assert "/api/v1/jobs" in doc["paths"] and "/api/v1/sessions/{session_id}/cancel" in doc["paths"]

@@ -161,6 +161,7 @@ def test_console_job_run_browse_download_and_lab(page, console, tmp_path: Path) 
     expect(page).to_have_url(re.compile(r"/sessions/\d+$"))
     expect(page.locator("#state")).to_have_text("failed", timeout=120_000)
     expect(page.locator("#message")).to_contain_text("a lab can only boot VMs")
+    expect(page.locator("#lab-report")).to_contain_text("The lab did not run")
     expect(page.locator("#log")).to_contain_text("$ surepoint lab verify")
 
     # the audit trail has the console's changes and the downloads
