@@ -259,3 +259,43 @@ def test_shipped_logs_follow_their_restore_points(tmp_path: Path, source: Repo):
     assert all(store.read(r) == logs[r.file] for r in copied)
     dst.backend.close()
     assert copy_ok(target, source)["logs"] == []  # nothing twice
+
+
+def test_copy_to_s3_cut_off_mid_way_resumes(seaweedfs, s3_bucket, tmp_path: Path, source: Repo):
+    import subprocess
+
+    from tests.faultlib import SUREPOINT
+    from tests.servers.flaky_proxy import FlakyProxy
+
+    image = tmp_path / "disk.img"
+    sha = make_random_image(image, 3 * MiB, seed=9)  # 48 distinct chunks
+    point = source.backup(image, name="vm")
+    s3_env = {**seaweedfs.env(), "SUREPOINT_CACHE_DIR": str(tmp_path / "cache"), "SUREPOINT_S3_RETRY_SECONDS": "2"}
+    bucket = Repo(tmp_path / "s3-client", encryption="none")
+    bucket_env = bucket.env(SUREPOINT_REPO=f"s3://{s3_bucket}/copy", **s3_env)
+    bucket.ok("init", "--encryption", "none", "--chunk-size", "65536", env=bucket_env)
+    # The proxy counts PUTs under chunks/: the 48 touches (a server-side copy, 404 for a new chunk) and
+    # the uploads. After 60 of them, at least 12 chunks were uploaded; the 61st waits.
+    with FlakyProxy(seaweedfs.endpoint, hold_after_puts=60) as proxy:
+        env = {**bucket_env, "SUREPOINT_S3_ENDPOINT": proxy.endpoint, "SUREPOINT_FROM_PASSPHRASE": source.passphrase}
+        copy_proc = subprocess.Popen(
+            [SUREPOINT, "copy", "--from", str(source.path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            assert proxy.holding.wait(120), "the copy never got that far"
+            proxy.error_rate = 1.0  # the endpoint answers nothing but 503 from now on
+            proxy.release()
+            _out, err = copy_proc.communicate(timeout=120)
+        finally:
+            if copy_proc.poll() is None:
+                copy_proc.kill()
+    assert copy_proc.returncode == 1 and b"Traceback" not in err, err
+    assert bucket.run("list", "--json", env=bucket_env).json()["restore_points"] == []
+
+    resumed = bucket.run("copy", "--from", str(source.path), "--json",
+                         env={**bucket_env, "SUREPOINT_FROM_PASSPHRASE": source.passphrase})  # fmt: skip
+    assert resumed.returncode == 0, str(resumed)
+    (stats,) = resumed.json()["copied"]
+    assert 12 <= stats["present_chunks"] < 48 and stats["sent_chunks"] == 48 - stats["present_chunks"]
+    bucket.ok("restore", point["id"], "--to", str(tmp_path / "restored.img"), env=bucket_env)
+    assert sha256_file(tmp_path / "restored.img") == sha
