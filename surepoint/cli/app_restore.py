@@ -55,6 +55,13 @@ def register(app: typer.Typer) -> None:
         archive: Annotated[
             bool, typer.Option("--archive/--no-archive", help="PostgreSQL: keep the restored cluster's WAL archiving.")
         ] = True,
+        replica_of: Annotated[
+            str | None,
+            typer.Option(
+                "--replica-of",
+                help="PostgreSQL: come back as a standby streaming from this primary (a conninfo string).",
+            ),
+        ] = None,
         overwrite: Annotated[
             bool, typer.Option(help="Replace data at --to (the old contents are moved aside, never deleted).")
         ] = False,
@@ -64,7 +71,9 @@ def register(app: typer.Typer) -> None:
         """Restore one application from a restore point: pre-restore, restore, post-restore, each recorded.
 
         PostgreSQL: the cluster on --to is stopped, the data directory comes back, a stale
-        postmaster.pid goes, the server starts (recovering from its WAL) and must answer. MariaDB:
+        postmaster.pid goes, the server starts (recovering from its WAL), promotes to a new timeline
+        (its old replicas are listed to be re-synced) and must answer; with --replica-of it comes back
+        as a standby of that primary instead and catches up. MariaDB:
         the same with InnoDB crash recovery, and the binary log position of the snapshot recorded.
         SQLite: the database file without the -wal/-shm of the file it replaces. With --at, the last
         restore point before that time is taken and the logs shipped with `surepoint logs ship` are
@@ -85,6 +94,7 @@ def register(app: typer.Typer) -> None:
             os_user=os_user,
             start=start,
             archive=archive,
+            replica_of=replica_of,
             overwrite=overwrite,
             timeout=timeout,
         )

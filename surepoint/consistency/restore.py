@@ -55,6 +55,7 @@ class RestoreRequest:
     os_user: str | None = None  # owner of the restored files and the service's user
     start: bool = True
     archive: bool = True  # PostgreSQL: keep the restored cluster's archive_command
+    replica_of: str | None = None  # PostgreSQL: come back as a standby streaming from this primary (conninfo)
     overwrite: bool = False  # move existing data at the target aside instead of failing
     timeout: float = 300.0
 

@@ -43,6 +43,7 @@ class AppRestoreOptions:
     os_user: str | None = None
     start: bool = True
     archive: bool = True
+    replica_of: str | None = None  # PostgreSQL: restore as a standby of this primary (conninfo)
     overwrite: bool = False
     timeout: float = 300.0
 
@@ -193,6 +194,10 @@ def restore_application(
         raise UsageError(f"no restore rules for {options.writer!r}; known: {', '.join(sorted(RESTORE_WRITERS))}")
     if options.at is not None and not writer_class.supports_point_in_time:
         raise UsageError(f"{options.writer} keeps no log history: a point in time cannot be restored")
+    if options.replica_of and (options.writer != "postgresql" or options.at is not None):
+        raise UsageError(
+            "a restore as a replica is for PostgreSQL, without a point in time (it streams to the present)"
+        )
     if options.at is not None and options.writer == "mariadb" and options.at.microsecond:
         raise UsageError("MariaDB's binary log records whole seconds: give the time to the second")
     try:
@@ -235,6 +240,7 @@ def restore_application(
             os_user=options.os_user,
             start=options.start,
             archive=options.archive,
+            replica_of=options.replica_of,
             overwrite=options.overwrite,
             timeout=options.timeout,
         )
