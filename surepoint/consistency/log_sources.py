@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -80,14 +81,26 @@ class BinaryLogs:
         self.active = listed[-1]
         return [ClosedLog(name, os.path.join(directory, name), flushed) for name in listed[:-1]]
 
-    def remove_shipped(self, shipped: list[ClosedLog]) -> list[str]:
+    def remove_shipped(self, shipped: list[ClosedLog], wait: float = 30.0) -> list[str]:
+        """PURGE BINARY LOGS up to the first log not shipped.
+
+        The server keeps a closed log until InnoDB has made its transactions durable and a binlog
+        checkpoint in a later log says so; PURGE skips it until then (a warning, not an error). That
+        follows a FLUSH BINARY LOGS within moments, so the purge is repeated until the shipped logs
+        are gone or `wait` seconds passed (then they stay, and the next shipping purges them).
+        """
         if not shipped:
             return []
         before = {row[0] for row in self._sql("SHOW BINARY LOGS")}
         keep_from = next((n for n in sorted(before) if n > shipped[-1].file), self.active)
-        self._sql(f"PURGE BINARY LOGS TO '{_quote(keep_from)}'")
-        after = {row[0] for row in self._sql("SHOW BINARY LOGS")}
-        return sorted(before - after)
+        wanted = {log.file for log in shipped} & before
+        deadline = time.monotonic() + wait
+        while True:
+            self._sql(f"PURGE BINARY LOGS TO '{_quote(keep_from)}'")
+            after = {row[0] for row in self._sql("SHOW BINARY LOGS")}
+            if not wanted & after or time.monotonic() > deadline:
+                return sorted(before - after)
+            time.sleep(0.2)
 
 
 LOG_SOURCES = {"postgresql": WalArchive, "mariadb": BinaryLogs}

@@ -133,12 +133,24 @@ def logs_for(store: LogStore, point: RestorePoint, writer: str, at: datetime) ->
                 f"the binary log restore point {point.id} was taken in ({first}) is not in the repository: "
                 "logs were not shipped since that point"
             )
+        # mariadb-binlog would replay across a gap without a word: the sequence must be whole.
+        for before, after in zip(needed, needed[1:], strict=False):
+            if _binlog_number(after.file) != _binlog_number(before.file) + 1:
+                raise PointInTimeError(
+                    f"binary logs between {before.file} and {after.file} are not in the repository "
+                    "(pruned on the server before they were shipped?)"
+                )
     last = max(parse_utc(r.covers_until) for r in needed)
     if at > last:
         raise PointInTimeError(
             f"{_fmt(at)} is after the last shipped log of {point.name} (it covers until {_fmt(last)})"
         )
     return needed
+
+
+def _binlog_number(file: str) -> int:
+    suffix = file.rsplit(".", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def _fmt(moment: datetime) -> str:
