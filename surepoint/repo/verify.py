@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from surepoint.errors import DamagedData
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import Extent, merge
+from surepoint.repo.locks import repository_lock
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 
@@ -114,7 +115,7 @@ def verify(
 
     bad: dict[bytes, str] = {}
     good: list[bytes] = []
-    with ThreadPoolExecutor(workers) as pool:
+    with repository_lock(repository.backend, "verify"), ThreadPoolExecutor(workers) as pool:
         for chunk_id, problem in pool.map(check, candidates):
             if problem is None:
                 good.append(chunk_id)

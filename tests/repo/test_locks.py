@@ -66,3 +66,25 @@ def test_reading_needs_no_lock_object_on_a_read_only_repository():
         with pytest.raises(RepositoryLocked), repository_lock(backend, "restore"):
             pytest.fail("a reader ran beside an exclusive job")
         backend.refuse = False
+
+
+def test_verify_holds_a_verify_lock_and_waits_for_no_backup(repository):
+    from surepoint.repo.backup import BackupRequest, run_backup
+    from surepoint.repo.verify import verify
+    from tests.repo.conftest import CHUNK, MemoryDisk, disk_bytes
+
+    point = run_backup(repository, BackupRequest(name="vm", sources=[MemoryDisk(disk_bytes(3 * CHUNK, seed=1))]))
+    seen: list[str] = []
+    get = repository.backend.get
+
+    def watching_get(name: str) -> bytes:
+        if name.startswith("chunks/"):
+            seen.extend(lock.kind for lock in read_locks(repository.backend))
+        return get(name)
+
+    repository.backend.get = watching_get
+    with repository_lock(repository.backend, "backup"):
+        report = verify(repository, [point])
+    assert report.points[0].state == "verified" and set(seen) == {"backup", "verify"}
+    with repository_lock(repository.backend, "exclusive"), pytest.raises(RepositoryLocked):
+        verify(repository, [point])
