@@ -28,7 +28,8 @@ Layers
 Locking: which operations may run at the same time, and what makes that safe
     Lock kinds and their conflicts are in locks.CONFLICTS: `backup`, `restore` and `verify` run
     beside each other and beside `gc` and `forget`; `forget` excludes `forget`, `gc` excludes `gc`,
-    `exclusive` excludes everything. Where two operations may overlap, this is why it is safe:
+    `exclusive` excludes everything. A conflicting lock makes the newcomer fail at once
+    (RepositoryLocked); nothing waits. Where two operations may overlap, this is why it is safe:
 
     backup  / backup   Chunks are named by their content and put atomically, so two backups
                        writing the same chunk write the same bytes. Each backup writes its own
@@ -55,9 +56,10 @@ Locking: which operations may run at the same time, and what makes that safe
                        `exclusive` only (surepoint/mount/manager.py).
     logs    / gc       Log shipping writes chunks, then a record, under a `backup` lock: as
                        backup / gc; gc also keeps every chunk a log record lists.
-    copy    / gc       (copy jobs) A copy reads its source points like a restore (restore / gc)
-                       and writes into its destination like a backup, under a `backup` lock
-                       there (backup / gc).
+    copy    / gc       A copy job (surepoint/jobs/copy.py) holds a `gc` lock on its source, so
+                       no gc there removes a chunk it is about to read (a second copy from that
+                       source, or a gc there, fails at once with RepositoryLocked), and a `backup`
+                       lock on its target, where it writes like a backup (backup / gc).
 
     A `restore` or `verify` that cannot write its lock object (a full or read-only repository)
     still checks for conflicting locks and runs without one, so data can always be read back.
