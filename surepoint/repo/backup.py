@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import zstandard
+
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import chunks_touched
 from surepoint.repo.fixed_index import FixedIndex
@@ -24,6 +26,26 @@ from surepoint.repo.repository import Repository, utc_now
 from surepoint.repo.source import DiskSource
 
 ProgressCallback = Callable[[int], None]
+
+# Storing a chunk waits on fsync or the network far longer than it computes: several stores per
+# core keep the disk busy while hashing, compression and encryption (which release the GIL) run.
+# (A local backup of a 512 MiB image on 2 busy cores: 2 threads 3.45 s, 8 threads 2.15 s.)
+THREADS_PER_CPU = 4
+MAX_IN_FLIGHT_BYTES = 256 << 20  # chunks read but not yet stored, whatever the chunk size
+# A chunk is compressed only when a sample of it compresses: ciphertext, media and archives are
+# stored as they are, without spending a full zstd pass to find out.
+SAMPLE_PIECES = 4
+SAMPLE_PIECE = 16 << 10
+INCOMPRESSIBLE = 0.97
+
+
+def default_workers(backend: object) -> int:
+    """Threads for a backup or restore; a remote backend says how many requests in flight pay off."""
+    return max(4, THREADS_PER_CPU * (os.cpu_count() or 2), getattr(backend, "concurrency", 0))
+
+
+def in_flight_limit(workers: int, chunk_size: int) -> int:
+    return max(2, min(2 * workers, MAX_IN_FLIGHT_BYTES // chunk_size))
 
 
 @dataclass
@@ -59,6 +81,18 @@ class _ChunkWriter:
         self._written: set[bytes] = set()
         self._lock = threading.Lock()
         self._zero = bytes(repository.chunk_size)
+        self._probe = threading.local()
+
+    def worth_compressing(self, data: bytes) -> bool:
+        """Whether a sample spread over the chunk shrinks under fast zstd."""
+        if len(data) <= SAMPLE_PIECES * SAMPLE_PIECE:
+            return True
+        step = len(data) // SAMPLE_PIECES
+        sample = b"".join(data[i * step : i * step + SAMPLE_PIECE] for i in range(SAMPLE_PIECES))
+        compressor = getattr(self._probe, "compressor", None)
+        if compressor is None:
+            compressor = self._probe.compressor = zstandard.ZstdCompressor(level=1)
+        return len(compressor.compress(sample)) < INCOMPRESSIBLE * len(sample)
 
     def process(self, data: bytes, stats: _DiskStats) -> bytes:
         if data == self._zero[: len(data)]:
@@ -74,7 +108,7 @@ class _ChunkWriter:
             with self._lock:
                 stats.reused_chunks += 1
             return chunk_id
-        stored = self.chunks.put(chunk_id, data, durable=False)
+        stored = self.chunks.put(chunk_id, data, durable=False, compress=self.worth_compressing(data))
         with self._lock:
             stats.new_chunks += 1
             stats.new_bytes += len(data)
@@ -122,8 +156,7 @@ def run_backup(
     """Back up every source of the request and commit one restore point with all its disks."""
     if request.consistency not in CONSISTENCY_LEVELS:
         raise ValueError(f"unknown consistency level {request.consistency}")
-    # A remote backend waits on the network more than on the CPU: it says how many requests pay off.
-    workers = workers or max(2, os.cpu_count() or 2, getattr(repository.backend, "concurrency", 0))
+    workers = workers or default_workers(repository.backend)
     started = time.monotonic()
     rp_id = request.restore_point_id or repository.new_restore_point_id()
     writer = _ChunkWriter(repository)
@@ -146,7 +179,8 @@ def run_backup(
                 to_read.sort()
             if progress:
                 progress(source.size - sum(index.chunk_range(n)[1] for n in to_read))
-            _read_and_store(source, index, to_read, writer, stats, pool, workers, progress)
+            in_flight = in_flight_limit(workers, chunk_size)
+            _read_and_store(source, index, to_read, writer, stats, pool, in_flight, progress)
             for n in unchanged:
                 if n not in to_read:
                     index.ids[n] = base_index.ids[n]
@@ -213,10 +247,10 @@ def _read_and_store(
     writer: _ChunkWriter,
     stats: _DiskStats,
     pool: ThreadPoolExecutor,
-    workers: int,
+    in_flight: int,
     progress: ProgressCallback | None,
 ) -> None:
-    window = threading.BoundedSemaphore(workers * 2)  # caps chunks held in memory
+    window = threading.BoundedSemaphore(in_flight)  # caps chunks held in memory
     pending: list[tuple[int, int, Future[bytes]]] = []
     errors: list[BaseException] = []
 

@@ -50,9 +50,9 @@ class ChunkStore:
             return blake3.blake3(data, key=self._id_key).digest()
         return blake3.blake3(data).digest()
 
-    def put(self, chunk_id: bytes, data: bytes, *, durable: bool = False) -> int:
-        """Store a chunk; return the number of bytes it takes in the backend."""
-        blob = self.envelope.seal(KIND_CHUNK, chunk_id.hex(), data)
+    def put(self, chunk_id: bytes, data: bytes, *, durable: bool = False, compress: bool = True) -> int:
+        """Store a chunk (uncompressed when not `compress`); return the bytes it takes in the backend."""
+        blob = self.envelope.seal(KIND_CHUNK, chunk_id.hex(), data, compress=compress)
         self.backend.put(chunk_object_name(chunk_id), blob, durable=durable)
         return len(blob)
 

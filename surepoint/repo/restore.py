@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
 import stat
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from surepoint.errors import DamagedData, SurepointError, TargetError
+from surepoint.repo.backup import default_workers, in_flight_limit
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.fixed_index import FixedIndex
 from surepoint.repo.locks import repository_lock
@@ -96,8 +99,7 @@ def restore_disk(
     index: FixedIndex = repository.load_index(restore_point, disk_number)
     fd, sparse, write_path = _open_target(target, index.disk_size, overwrite)
     written = 0
-    # A remote backend waits on the network more than on the CPU: it says how many requests pay off.
-    workers = workers or max(2, os.cpu_count() or 2, getattr(repository.backend, "concurrency", 0))
+    workers = workers or default_workers(repository.backend)
     zero = bytes(index.chunk_size)
 
     def fetch(number: int) -> tuple[int, bytes | None]:
@@ -115,26 +117,33 @@ def restore_disk(
 
     try:
         with repository_lock(repository.backend, "restore"), ThreadPoolExecutor(workers) as pool:
-            numbers = range(len(index.ids))
-            # map() keeps order; bounded by chunking the submission into windows.
-            window = workers * 2
-            for start in range(0, len(numbers), window):
-                for number, data in pool.map(fetch, numbers[start : start + window]):
-                    offset, length = index.chunk_range(number)
-                    if data is None:
-                        if not sparse:
-                            _pwrite_all(fd, zero[:length], offset, target)
+            # A sliding window: `in_flight` chunks are fetched, checked and decrypted ahead of the one
+            # being written, in disk order, so the target is written sequentially and never waits
+            # for a whole batch.
+            numbers = iter(range(len(index.ids)))
+            pending: collections.deque[Future[tuple[int, bytes | None]]] = collections.deque(
+                pool.submit(fetch, n) for n in itertools.islice(numbers, in_flight_limit(workers, index.chunk_size))
+            )
+            while pending:
+                number, data = pending.popleft().result()
+                following = next(numbers, None)
+                if following is not None:
+                    pending.append(pool.submit(fetch, following))
+                offset, length = index.chunk_range(number)
+                if data is None:
+                    if not sparse:
+                        _pwrite_all(fd, zero[:length], offset, target)
+                else:
+                    if len(data) != length:
+                        raise DamagedData(f"chunk at offset {offset} of disk {disk_number} has the wrong size")
+                    if sparse:
+                        for a, b in _nonzero_runs(data):
+                            _pwrite_all(fd, memoryview(data)[a:b], offset + a, target)
                     else:
-                        if len(data) != length:
-                            raise DamagedData(f"chunk at offset {offset} of disk {disk_number} has the wrong size")
-                        if sparse:
-                            for a, b in _nonzero_runs(data):
-                                _pwrite_all(fd, memoryview(data)[a:b], offset + a, target)
-                        else:
-                            _pwrite_all(fd, data, offset, target)
-                        written += length
-                    if progress:
-                        progress(length)
+                        _pwrite_all(fd, data, offset, target)
+                    written += length
+                if progress:
+                    progress(length)
         try:
             os.fsync(fd)
         except OSError as exc:
