@@ -202,9 +202,13 @@ class Repository:
         self.backend.put(name, self.envelope.seal(KIND_MANIFEST, name, restore_point.to_json()), durable=True)
 
     def delete_restore_point(self, restore_point: RestorePoint) -> None:
-        """Remove the manifest first (the point ceases to exist), then its indexes."""
+        """Remove the manifest first (the point ceases to exist), then its indexes.
+
+        The manifest's removal is made durable before anything it refers to goes: after a power
+        cut, a forgotten point must not come back once gc has removed its index or chunks."""
         with contextlib.suppress(ObjectNotFound):
             self.backend.delete(MANIFEST_PREFIX + restore_point.id)
+        self.backend.sync()
         for disk in restore_point.disks:
             with contextlib.suppress(ObjectNotFound):
                 self.backend.delete(disk.index)

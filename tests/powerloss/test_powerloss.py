@@ -40,11 +40,6 @@ def scratch(tmp_path):
         yield tmp_path / "states"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: forget deletes a manifest without fsyncing restorepoints/, so after gc and a later"
-    " backup make the index deletion durable, a power cut brings back a forgotten point without its index",
-)
 def test_power_cuts_lose_nothing_committed(tmp_path, scratch):
     started = time.monotonic()
     load = record(tmp_path)
