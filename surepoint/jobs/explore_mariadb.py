@@ -16,7 +16,7 @@ import subprocess
 from surepoint.consistency.restore import find_in_point, which
 from surepoint.consistency.restore_mariadb import binlog_options
 from surepoint.consistency.runner import one_line
-from surepoint.jobs.explore import (
+from surepoint.jobs.explore_base import (
     ExploreError,
     ExportSink,
     Overlay,

@@ -16,7 +16,7 @@ import subprocess
 from surepoint.consistency.restore import find_in_point
 from surepoint.consistency.restore_postgresql import cluster_major, pg_bin
 from surepoint.consistency.runner import one_line
-from surepoint.jobs.explore import (
+from surepoint.jobs.explore_base import (
     ExploreError,
     ExportSink,
     Overlay,

@@ -13,7 +13,7 @@ import sqlite3
 from collections import defaultdict
 
 from surepoint.consistency.restore import find_in_point
-from surepoint.jobs.explore import ExploreError, ExportSink, Overlay, TableInfo, owner_ids, quote_ident, split_item
+from surepoint.jobs.explore_base import ExploreError, ExportSink, Overlay, TableInfo, owner_ids, quote_ident, split_item
 
 
 class SqliteExplorer:

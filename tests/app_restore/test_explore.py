@@ -23,6 +23,9 @@ pytestmark = [
 
 def test_postgresql_explore_exports_one_table(work, pg, repo):
     cli = repo
+    scratch = work.dir / "tmp"  # where the throw-away servers live: empty again after each command
+    scratch.mkdir(mode=0o755)
+    cli.env["TMPDIR"] = str(scratch)
     pg.sql(
         "INSERT INTO load(v) SELECT 'row ' || g FROM generate_series(1, 20000) g;"
         " CREATE TABLE customers(id int PRIMARY KEY, name text, city text);"
@@ -51,7 +54,7 @@ def test_postgresql_explore_exports_one_table(work, pg, repo):
             check=True)  # fmt: skip
     assert dump.read_bytes()[:5] == b"PGDMP"
     # the restore point was only read: nothing of the throw-away server is left behind
-    assert not [d for d in os.listdir("/tmp") if d.startswith("surepoint-explore-")]
+    assert os.listdir(scratch) == []
 
     # bad input: a missing table, a missing database, --where without a table
     for item, extra, message in (
