@@ -12,8 +12,10 @@ How the repository's promises hold on S3 (docs/s3.md has the whole story):
 - Puts with durable=False go to a bounded pool of parallel uploads (bounded by bytes in flight);
   `sync()` waits for them and raises the first failure, so nothing refers to an object whose
   upload failed.
-- `touch` (a backup reusing a chunk) copies the object onto itself, which renews LastModified:
-  garbage collection's "recently used" test reads that date.
+- `touch` (a backup reusing a chunk) only checks that the object exists: garbage collection
+  without an atomic rename parks a chunk in trash/ and deletes it only after every backup that
+  was running then has finished (repo/gc.py), which protects a reused chunk without renewing
+  its LastModified (a copy onto itself, billed like a PUT, per chunk and backup).
 - Every request is retried with backoff on connection loss, timeouts and 5xx answers until
   SUREPOINT_S3_RETRY_SECONDS (default 60) have passed; wrong credentials, a missing bucket or an
   endpoint that never answers give one clear error.
@@ -244,7 +246,8 @@ class _Uploads:
 class S3Backend(Backend):
     """Objects as S3 keys under `prefix/` in one bucket."""
 
-    capabilities = Capabilities(atomic_rename=False)  # rename copies, then deletes
+    # S3 has no rename (copy, then delete); touch only checks that the object is there.
+    capabilities = Capabilities(atomic_rename=False, touch_renews_mtime=False)
 
     def __init__(self, location: str, *, settings: S3Settings | None = None, client=None) -> None:
         self.where = S3Location.parse(location)
@@ -483,30 +486,17 @@ class S3Backend(Backend):
                 return
 
     def touch(self, name: str) -> bool:
-        """Renew the object's LastModified (a server-side copy onto itself); False if it does not exist."""
+        """Whether the object exists (a HEAD); its LastModified stays.
+
+        Renewing LastModified would take a copy of the object onto itself, billed like a PUT, for
+        every chunk every incremental backup reuses. Garbage collection does not need it here: without
+        an atomic rename it never deletes a chunk before every backup that could have reused it has
+        finished (repo/gc.py), so a backup only has to know the chunk is there.
+        """
         self._uploads.wait_for(name)
         if self.object_lock is not None and self.object_lock.protects(name):
             return self.object_lock.claim(name)
-        from botocore.exceptions import ClientError
-
-        key = self.where.key(name)
-        try:
-            self._call(
-                "touch",
-                name,
-                lambda: self.client.copy_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    CopySource={"Bucket": self.bucket, "Key": key},
-                    MetadataDirective="REPLACE",
-                    Metadata={"surepoint-used": "1"},
-                ),
-            )
-        except ClientError as exc:
-            if _error_code(exc) in NOT_FOUND_CODES or _http_status(exc) == 404:
-                return False
-            raise self._failed(exc, "touch", name) from None
-        return True
+        return self._head(name) is not None
 
     def rename(self, name: str, new_name: str) -> None:
         """Copy, then delete: not atomic on S3 (a crash between the two leaves both names)."""
