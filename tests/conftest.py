@@ -72,12 +72,18 @@ def cli(request, tmp_path: Path) -> Cli:
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "s3: also run the test with its `cli` on an S3 repository (SeaweedFS)")
+    config.addinivalue_line(
+        "markers", "s3: also run the test with its `cli` or `backend` on an S3 repository (SeaweedFS)"
+    )
 
 
 def pytest_generate_tests(metafunc) -> None:
-    if metafunc.definition.get_closest_marker("s3") and "cli" in metafunc.fixturenames:
+    if not metafunc.definition.get_closest_marker("s3"):
+        return
+    if "cli" in metafunc.fixturenames:
         metafunc.parametrize("cli", ["local", "s3"], indirect=True)
+    elif "backend" in metafunc.fixturenames:  # the in-process engine tests (tests/repo/conftest.py)
+        metafunc.parametrize("backend", ["memory", "s3"], indirect=True)
 
 
 def sha256_file(path: os.PathLike | str) -> str:

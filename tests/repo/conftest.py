@@ -51,7 +51,12 @@ def disk_bytes(size: int, seed: int, zero_every: int = 4) -> bytearray:
 
 
 @pytest.fixture
-def backend() -> MemoryBackend:
+def backend(request) -> MemoryBackend:
+    """A memory backend; tests marked `s3` run a second time on an S3 bucket (SeaweedFS)."""
+    if getattr(request, "param", "memory") == "s3":
+        from tests.servers.seaweedfs import s3_backend_for_test
+
+        return s3_backend_for_test(request)
     return MemoryBackend()
 
 

@@ -12,6 +12,7 @@ from tests.repo.conftest import CHUNK, MemoryDisk, disk_bytes
 from tests.repo.test_restore import restored_bytes
 
 
+@pytest.mark.s3
 def test_full_then_incremental(repository):
     size = 10 * CHUNK + 1234  # a short last chunk
     data = disk_bytes(size, seed=1)
@@ -38,6 +39,7 @@ def test_full_then_incremental(repository):
     assert restored_bytes(repository, full) == bytes(data)  # the older point is untouched
 
 
+@pytest.mark.s3
 def test_without_change_tracking_everything_is_read_and_deduplicated(repository):
     data = disk_bytes(6 * CHUNK, seed=2)
     first = run_backup(repository, BackupRequest(name="a", sources=[MemoryDisk(data)]), workers=2)
@@ -48,6 +50,7 @@ def test_without_change_tracking_everything_is_read_and_deduplicated(repository)
     assert second.disks[0].metadata["read_mode"] == "full read, compared with the previous restore point"
 
 
+@pytest.mark.s3
 def test_several_disks_and_an_empty_one(repository):
     disks = [MemoryDisk(disk_bytes(3 * CHUNK, seed=3), "a"), MemoryDisk(b"", "b"), MemoryDisk(bytes(5000), "c")]
     point = run_backup(repository, BackupRequest(name="multi", sources=disks), workers=2)
@@ -58,6 +61,7 @@ def test_several_disks_and_an_empty_one(repository):
         assert restored_bytes(repository, point, disks.index(disk)) == bytes(disk.data)
 
 
+@pytest.mark.s3
 def test_a_base_chunk_that_is_gone_is_read_again(repository):
     data = disk_bytes(4 * CHUNK, seed=4)
     full = run_backup(repository, BackupRequest(name="vm", sources=[MemoryDisk(data)]), workers=2)
@@ -69,6 +73,7 @@ def test_a_base_chunk_that_is_gone_is_read_again(repository):
     assert restored_bytes(repository, incremental) == bytes(data)
 
 
+@pytest.mark.s3
 def test_a_failing_source_commits_nothing(repository):
     class Failing(MemoryDisk):
         def read(self, offset, length):

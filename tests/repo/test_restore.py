@@ -40,6 +40,7 @@ def test_restore_is_bit_exact_and_sparse(encrypted, tmp_path):
     assert target.read_bytes() == bytes(data)
 
 
+@pytest.mark.s3
 def test_damaged_chunk_leaves_no_target(repository, tmp_path):
     data = disk_bytes(4 * CHUNK, seed=8)
     point = run_backup(repository, BackupRequest(name="vm", sources=[MemoryDisk(data)]), workers=2)

@@ -255,6 +255,20 @@ def use_s3(cli, server: SeaweedFS, tmp_path: Path, *, object_lock: bool = False,
     return location
 
 
+def s3_backend_for_test(request):
+    """A new S3 backend on a new bucket of the session server, for a test's `backend` fixture."""
+    server = request.getfixturevalue("seaweedfs")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SUREPOINT_CACHE_DIR", str(request.getfixturevalue("tmp_path") / "s3-cache"))
+    from surepoint.storage.s3 import S3Backend
+
+    backend = S3Backend.open(f"s3://{server.new_bucket()}/repo", create=True)
+    request.addfinalizer(backend.close)
+    return backend
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory) -> Iterator[SeaweedFS]:
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
