@@ -100,9 +100,9 @@ def test_console_job_run_browse_download_and_lab(page, console, tmp_path: Path) 
     expect(row).to_contain_text("*/4 * * * * *")
 
     # watch it run: the jobs page links its first session, whose page follows the log live
-    for _ in range(30):
+    link = row.locator("a[href^='/sessions/']")
+    for _ in range(120):  # the first tick is at most 4 s away; a loaded machine may take longer
         page.reload()
-        link = row.locator("a[href^='/sessions/']")
         if link.count():
             break
         page.wait_for_timeout(500)
