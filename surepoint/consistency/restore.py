@@ -164,10 +164,6 @@ def owner_of(path: str) -> tuple[str, int, int]:
     return name, st.st_uid, st.st_gid
 
 
-def chown_like(path: str, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
-
-
 def tail(path: str, lines: int = 5) -> str:
     try:
         with open(path, errors="replace") as f:

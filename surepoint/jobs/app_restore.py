@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -198,8 +199,6 @@ def restore_application(
     runner: CommandRunner | None = None,
     say: Callable[[str], None] = lambda m: None,
 ) -> AppRestoreResult:
-    import time
-
     started = time.monotonic()
     writer_class = RESTORE_WRITERS.get(options.writer)
     if writer_class is None:
