@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from surepoint.cli.common import (
+    EXIT_DAMAGE,
     Context,
     JsonOption,
     human,
@@ -47,6 +49,7 @@ def list_points(
                 "damaged_manifests": repo.damaged_manifests,
             }
         )
+        _damaged_exit(repo.damaged_manifests)
         return
     table = Table(title=f"restore points in {repo.backend.location}")
     for col in ("id", "name", "created (UTC)", "disks", "size", "consistency", "state", "new data", "signals"):
@@ -69,6 +72,13 @@ def list_points(
             say_warning(f"restore point {p.id} is suspicious: {suspicious[p.id]}")
     for m in repo.damaged_manifests:
         say_error(f"damaged manifest {m}: run `surepoint verify`")
+    _damaged_exit(repo.damaged_manifests)
+
+
+def _damaged_exit(damaged: list[str]) -> None:
+    """`list` shows the good restore points and still exits 3 when a manifest is damaged."""
+    if damaged:
+        sys.exit(EXIT_DAMAGE)
 
 
 def show(ctx: typer.Context, restore_point: str, as_json: JsonOption = False) -> None:

@@ -28,9 +28,12 @@ STALE_SECONDS = 1800  # a lock of another host not refreshed for this long is ab
 
 CONFLICTS: dict[str, set[str]] = {
     "backup": {"exclusive"},
-    "restore": {"exclusive"},
+    # A reader (restore) and forget exclude each other (both ways, so that of two starting at
+    # once one always sees the other): a point being read is never forgotten, hence never
+    # collected, under the reader's feet. gc alone removes only what no point refers to.
+    "restore": {"forget", "exclusive"},
     "verify": {"exclusive"},
-    "forget": {"forget", "exclusive"},
+    "forget": {"forget", "restore", "exclusive"},
     "gc": {"gc", "exclusive"},
     "exclusive": {"backup", "restore", "verify", "forget", "gc", "exclusive"},
 }
@@ -57,11 +60,30 @@ def is_stale(lock: LockRecord, now: float | None = None) -> bool:
     return (now or time.time()) - lock.refreshed > STALE_SECONDS
 
 
+LOCK_FIELDS = {"id": str, "kind": str, "host": str, "pid": int, "created": (int, float), "refreshed": (int, float)}
+
+
+def parse_lock(data: bytes) -> LockRecord:
+    """A lock record with every field checked (ValueError when one is wrong)."""
+    raw = json.loads(data)
+    if not isinstance(raw, dict) or set(raw) != set(LOCK_FIELDS):
+        raise ValueError("not a lock record")
+    for key, types in LOCK_FIELDS.items():
+        if isinstance(raw[key], bool) or not isinstance(raw[key], types):
+            raise ValueError(f"lock record: {key} has the wrong type")
+    if raw["kind"] not in CONFLICTS or not 0 < raw["pid"] < 1 << 32:
+        raise ValueError("lock record: unknown kind or impossible pid")
+    if not all(0 <= raw[k] < 1e11 for k in ("created", "refreshed")):
+        raise ValueError("lock record: impossible time")
+    return LockRecord(**raw)
+
+
 def read_locks(backend: Backend) -> list[LockRecord]:
+    """The readable locks; a damaged lock record is no lock (it is stale garbage, never a traceback)."""
     locks = []
     for info in backend.list(LOCK_PREFIX):
         try:
-            locks.append(LockRecord(**json.loads(backend.get(info.name))))
+            locks.append(parse_lock(backend.get(info.name)))
         except (ObjectNotFound, ValueError, TypeError):
             continue
     return locks

@@ -15,13 +15,14 @@ from surepoint.errors import (
     NotARepository,
     NotEncrypted,
     RestorePointNotFound,
+    UnreadableRestorePoints,
 )
 from surepoint.repo import crypto
 from surepoint.repo.chunks import CHUNK_PREFIX, TRASH_PREFIX, ChunkStore
 from surepoint.repo.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
 from surepoint.repo.fixed_index import FixedIndex
 from surepoint.repo.locks import LOCK_PREFIX
-from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.manifest import RestorePoint, peek_name_and_time
 from surepoint.storage.backend import Backend, ObjectNotFound
 from surepoint.timestamps import utc_now
 
@@ -47,6 +48,7 @@ class Repository:
         self.envelope = Envelope(keys, config.get("compression_level", 3))
         self.chunks = ChunkStore(backend, self.envelope, keys.chunk_id if keys else None)
         self.damaged_manifests: list[str] = []
+        self._damaged_hints: dict[str, tuple[str | None, str | None]] = {}
 
     @property
     def id(self) -> str:
@@ -129,9 +131,11 @@ class Repository:
         return f"{INDEX_PREFIX}{restore_point_id}.{disk_number}"
 
     def list_restore_points(self) -> list[RestorePoint]:
-        """Every committed restore point, oldest first. Unreadable manifests go to `damaged_manifests`."""
+        """Every committed restore point, oldest first. Unreadable manifests go to `damaged_manifests`
+        (and what each still shows of its name and time to `_damaged_hints`)."""
         points = []
         self.damaged_manifests = []
+        self._damaged_hints = {}
         for info in self.backend.list(MANIFEST_PREFIX):
             try:
                 points.append(self._read_manifest(info.name))
@@ -144,8 +148,9 @@ class Repository:
         data = self.envelope.open(KIND_MANIFEST, name, self.backend.get(name))
         try:
             point = RestorePoint.from_json(data)
-        except (ValueError, TypeError, KeyError):
-            raise DamagedData(f"manifest {name} is damaged (unreadable)") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            self._damaged_hints[name] = peek_name_and_time(data)
+            raise DamagedData(f"manifest {name} is damaged ({exc})") from None
         if MANIFEST_PREFIX + point.id != name:
             raise DamagedData(f"manifest {name} is damaged (it names restore point {point.id!r})")
         return point
@@ -156,6 +161,17 @@ class Repository:
         if ref.endswith(":latest"):
             name = ref[: -len(":latest")]
             named = [p for p in points if p.name == name]
+            newer_damaged = [
+                m
+                for m in self.damaged_manifests
+                if self._damaged_hints.get(m, (None, None))[0] in (name, None)
+                and (not named or (self._damaged_hints.get(m, (None, None))[1] or "~") > named[-1].created)
+            ]
+            if newer_damaged:
+                raise UnreadableRestorePoints(
+                    f"the latest restore point named {name!r} may be in a damaged manifest "
+                    f"({', '.join(newer_damaged)}): refusing to pick an older one; give a restore point id"
+                )
             if not named:
                 raise RestorePointNotFound(f"no restore point named {name!r}")
             return named[-1]

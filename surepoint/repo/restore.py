@@ -110,6 +110,11 @@ def restore_disk(
             return number, repository.chunks.get(chunk_id)
         except DamagedData as exc:
             offset, length = index.chunk_range(number)
+            if not repository.backend.exists(f"restorepoints/{restore_point.id}"):
+                raise SurepointError(
+                    f"restore point {restore_point.id} was removed by a concurrent forget while it was being "
+                    f"restored; nothing was restored to {target}" + ("" if sparse else " beyond that point")
+                ) from None
             raise DamagedData(
                 f"restore point {restore_point.id} disk {disk_number} bytes {offset}-{offset + length - 1}: "
                 f"{exc}; nothing was restored to {target}" + ("" if sparse else " beyond that point")

@@ -23,7 +23,8 @@ def open_local(location: str, *, create: bool = False) -> LocalBackend:
                 raise RepositoryExists(f"a repository already exists at {path}")
             raise RepositoryExists(f"{path} exists and is not empty: choose a new or empty directory")
         try:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+            os.chmod(path, DIR_MODE)
         except OSError as exc:
             raise StorageError(f"cannot create repository directory {path}: {exc.strerror}") from None
     elif not os.path.isdir(path):
@@ -73,8 +74,9 @@ class LocalBackend(Backend):
             missing.append(ancestor)
             ancestor = os.path.dirname(ancestor)
         if missing:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
             for new in missing:
+                os.chmod(new, DIR_MODE)  # makedirs gives the parents it makes the default mode
                 self._dirty(os.path.dirname(new))
         self._made_dirs.add(directory)
         return bool(missing)
@@ -98,7 +100,7 @@ class LocalBackend(Backend):
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
         try:
             new_directory = self._ensure_dir(directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
             try:
                 view = memoryview(data)
                 while view:
@@ -167,12 +169,13 @@ class LocalBackend(Backend):
         try:
             for prefix in prefixes:
                 directory = os.path.join(self.root, prefix.strip("/"))
-                os.makedirs(directory, exist_ok=True)
+                os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
                 self._made_dirs.add(directory)
                 while directory not in made:
                     made.add(directory)
                     directory = os.path.dirname(directory)
             for directory in sorted(made, key=len, reverse=True):
+                os.chmod(directory, DIR_MODE)  # makedirs gives the parents it makes the default mode
                 _fsync_dir(directory)
             _fsync_dir(os.path.dirname(self.root))
         except OSError as exc:
@@ -217,6 +220,13 @@ class LocalBackend(Backend):
                 _fsync_dir(directory)
         except OSError as exc:
             raise _storage_error(exc, "directory entries") from None
+
+
+# Private by default: objects 0600 in 0700 directories, whatever the umask (os.open and makedirs
+# apply the umask, which can only take bits away). A repository shared by a backup group is made
+# by hand: chmod -R g+rX and a default ACL, documented in docs/security.md.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 def _writer_gone(filename: str) -> bool:
