@@ -148,6 +148,23 @@ def register(app: typer.Typer) -> None:
                 f"removed on the server {len(r.removed_on_server)}, forgotten {len(r.forgotten)}"
             )
 
+    @logs_app.command("archive-wal")
+    def logs_archive_wal(
+        ctx: typer.Context,
+        path: Annotated[str, typer.Argument(help="%p: the WAL file's path.")],
+        file: Annotated[str, typer.Argument(help="%f: the WAL file's name.")],
+        name: Annotated[str, typer.Option("--name", help="The restore-point name the logs extend (the job's name).")],
+    ) -> None:
+        """For archive_command: store one WAL file in the repository (exit 0 only once it is durable).
+
+        archive_command = 'surepoint --repo R --passphrase-file F logs archive-wal --name db01 %p %f'
+        (the PostgreSQL server's user needs access to the repository and the passphrase).
+        """
+        from surepoint.jobs.log_shipping import archive_wal
+
+        c: Context = ctx.obj
+        out.print(f"{file}: {archive_wal(c.open_repository(), c.catalog(), name, path, file)}")
+
     @logs_app.command("list")
     def logs_list(
         ctx: typer.Context,

@@ -20,6 +20,7 @@ from surepoint.jobs.job_file import JobConfig
 from surepoint.repo.locks import repository_lock
 from surepoint.repo.logstore import LogStore
 from surepoint.repo.repository import Repository
+from surepoint.timestamps import utc_now
 
 START_LOG = {"postgresql": "start_wal_file", "mariadb": "binlog_file"}
 
@@ -34,6 +35,32 @@ class ShipReport:
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+
+class LogConflict(SurepointError):
+    """A log file of that name is stored already, with other contents."""
+
+
+def archive_wal(repository: Repository, catalog: Catalog, name: str, path: str, file: str) -> str:
+    """PostgreSQL's archive_command: store one closed WAL file; storing the same file again succeeds.
+
+    PostgreSQL may call archive_command again for a file it archived before a crash; the same
+    contents are then a success, other contents an error (exit status 1): the file stays in
+    pg_wal and PostgreSQL retries, and nothing stored is overwritten.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    store = LogStore(repository)
+    recorder = EventRecorder(catalog, repository.id, source=name)
+    if store.has(name, "postgresql", file):
+        if store.read(store.get(name, "postgresql", file)) == data:
+            return "already in the repository"
+        recorder("postgresql", "ship-logs", "failed", f"{file}: stored already with other contents")
+        raise LogConflict(f"{file} is stored already with other contents: not overwritten")
+    with repository_lock(repository.backend, "backup"):
+        store.put(name, "postgresql", file, data, utc_now())
+    recorder("postgresql", "ship-logs", "ok", f"archived {file} ({len(data)} bytes)")
+    return "stored"
 
 
 def first_needed_log(repository: Repository, name: str, writer: str) -> str | None:

@@ -85,6 +85,9 @@ class LogStore:
         self.backend.put(record.object, blob, durable=True)
         return record
 
+    def get(self, name: str, writer: str, file: str) -> LogRecord:
+        return self._read(self._object(name, writer, file))
+
     def _read(self, object_name: str) -> LogRecord:
         try:
             raw = json.loads(self.repository.envelope.open(KIND_RECORD, object_name, self.backend.get(object_name)))

@@ -44,3 +44,19 @@ def test_logs_round_trip_and_survive_gc(tmp_path):
     left = {r.file: r for r in store.list("db01", "postgresql")}
     assert set(left) == {"000000010000000000000004", "00000002.history"}
     assert store.read(left["000000010000000000000004"]) == wal[1]
+
+
+def test_archive_wal_is_idempotent_and_never_overwrites(tmp_path, cli):
+    """archive_command's contract: the same file again succeeds, other contents fail, nothing is replaced."""
+    cli.run("init", check=True)
+    segment = tmp_path / "000000010000000000000007"
+    segment.write_bytes(os.urandom(70_000))
+    for _ in range(2):
+        stored = cli.run("logs", "archive-wal", "--name", "db01", str(segment), segment.name, check=True)
+    assert "already in the repository" in stored.stdout
+    listed = cli.run("logs", "list", "postgresql", "db01", "--json", check=True).json()
+    assert [(r["file"], r["size"]) for r in listed] == [(segment.name, 70_000)]
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(70_000))
+    refused = cli.run("logs", "archive-wal", "--name", "db01", str(other), segment.name)
+    assert refused.returncode == 1 and "stored already with other contents" in refused.stderr
