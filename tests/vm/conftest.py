@@ -103,7 +103,7 @@ class TestVm:
             "-initrd",
             str(cache / "initrd.img"),
             "-append",
-            "root=/dev/vda rw console=ttyS0 panic=-1",
+            "root=/dev/vda rw console=ttyS0 panic=-1 no_timer_check",
             "-no-reboot",
             # a network card on QEMU's user-mode network: the guest's "production" network, where
             # 10.0.2.2 is this host (how the recovery-lab tests show what a guest outside the lab reaches)

@@ -121,7 +121,7 @@ def domain_xml(name: str, workdir: Path) -> str:
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{escape(str(cache / "vmlinuz"))}</kernel>
     <initrd>{escape(str(cache / "initrd.img"))}</initrd>
-    <cmdline>root=/dev/vda rw console=ttyS0 panic=-1</cmdline>
+    <cmdline>root=/dev/vda rw console=ttyS0 panic=-1 no_timer_check</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
