@@ -39,6 +39,7 @@ class Cli:
             SUREPOINT_REPO=str(self.repo),
             SUREPOINT_PASSPHRASE=passphrase,
             SUREPOINT_CATALOG=str(tmp_path / "catalog.sqlite"),
+            SUREPOINT_KNOWN_REPOSITORIES=str(tmp_path / "known-repositories.json"),
         )
 
     def run(self, *args: str, env: dict | None = None, check: bool = False, timeout: float = 300) -> Result:

@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from surepoint.errors import InvalidRepositoryConfig, WrongPassphrase
+from surepoint.errors import DamagedData, InvalidRepositoryConfig, WrongPassphrase
 
 CIPHERS = {"aes-256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
 CIPHER_CODES = {"none": 0, "aes-256-gcm": 1, "chacha20-poly1305": 2}
@@ -62,12 +62,17 @@ def new_key_record(cipher: str, passphrase: str, repository_id: str) -> tuple[Ke
 
 def unwrap_keys(record: dict, passphrase: str, repository_id: str) -> Keys:
     """Recover the keys from the config record; a wrong passphrase fails authentication."""
-    blob = _unb64(record["wrapped_key"])
-    aead = CIPHERS[record["cipher"]](_kek(passphrase, record["kdf"]))
+    try:
+        blob = _unb64(record["wrapped_key"])
+        aead = CIPHERS[record["cipher"]](_kek(passphrase, record["kdf"]))
+    except (ValueError, TypeError, KeyError):
+        raise DamagedData("repository config is damaged: its key record is unreadable") from None
     try:
         secret = json.loads(aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], _key_aad(repository_id)))
     except InvalidTag:
         raise WrongPassphrase("wrong passphrase for this repository") from None
+    except ValueError:
+        raise DamagedData("repository config is damaged: its key record is unreadable") from None
     return Keys(record["cipher"], _unb64(secret["data"]), _unb64(secret["chunk_id"]))
 
 

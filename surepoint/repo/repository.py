@@ -40,6 +40,50 @@ MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 64 << 20
 
 
+# Bounds on what a config may ask for: no hang (a chunk size of 7), no gigabytes of memory
+# (scrypt's 128 * n * r bytes), nothing a real repository would ever use.
+COMPRESSION_LEVELS = range(1, 23)
+MAX_SCRYPT_MEMORY = 256 << 20
+
+
+def check_config(config: dict) -> None:
+    """Every field of a repository config of the right type and within bounds (DamagedData if not)."""
+
+    def bad(what: str) -> DamagedData:
+        return DamagedData(f"repository config is damaged: {what}")
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    repo_id = config.get("id")
+    if not isinstance(repo_id, str) or not 0 < len(repo_id) <= 64 or not repo_id.isalnum():
+        raise bad("id")
+    size = config.get("chunk_size")
+    if not integer(size) or size & (size - 1) or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise bad(f"chunk_size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")
+    level = config.get("compression_level", 3)
+    if not integer(level) or level not in COMPRESSION_LEVELS:
+        raise bad("compression_level must be 1 to 22")
+    record = config.get("encryption")
+    if record is None:
+        return
+    if not isinstance(record, dict) or record.get("cipher") not in crypto.CIPHERS:
+        raise bad("encryption")
+    kdf = record.get("kdf")
+    if not isinstance(kdf, dict) or kdf.get("name") != "scrypt":
+        raise bad("encryption.kdf")
+    n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
+    if not (integer(n) and integer(r) and integer(p)) or n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16:
+        raise bad("encryption.kdf parameters")
+    if 128 * n * r > MAX_SCRYPT_MEMORY or n < 1 << 14:
+        raise bad("encryption.kdf parameters out of bounds (too weak or too much memory)")
+    for key, limit in (("salt", 128), ("wrapped_key", 1024)):
+        if not isinstance(kdf.get(key) if key == "salt" else record.get(key), str):
+            raise bad(f"encryption.{key}")
+        if len(kdf[key] if key == "salt" else record[key]) > limit:
+            raise bad(f"encryption.{key} too long")
+
+
 class Repository:
     def __init__(self, backend: Backend, config: dict, keys: crypto.Keys | None) -> None:
         self.backend = backend
@@ -108,6 +152,7 @@ class Repository:
         for setting, known in (("digest", "blake3"), ("compression", "zstd")):
             if config.get(setting, known) != known:
                 raise NotARepository(f"repository {setting} {config.get(setting)!r} is not supported")
+        check_config(config)
         keys = None
         if config.get("encryption"):
             keys = crypto.unwrap_keys(config["encryption"], passphrase(), config["id"])

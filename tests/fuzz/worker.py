@@ -219,6 +219,7 @@ def run_case(request: dict, seed: int) -> dict:
         "SUREPOINT_REPO": repo,
         "SUREPOINT_PASSPHRASE": request["passphrase"],
         "SUREPOINT_CATALOG": os.path.join(root, "catalog.sqlite"),
+        "SUREPOINT_KNOWN_REPOSITORIES": os.path.join(root, "known-repositories.json"),
     }
     result: dict = {"seed": seed, "mutation": what, "commands": {}}
     commands = [

@@ -59,6 +59,7 @@ class Workload:
 def _env(repo: str, catalog: str, passphrase: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUREPOINT_")}
     env.update(SUREPOINT_REPO=repo, SUREPOINT_CATALOG=catalog, SUREPOINT_PASSPHRASE=passphrase)
+    env["SUREPOINT_KNOWN_REPOSITORIES"] = catalog + ".known-repositories.json"
     return env
 
 
