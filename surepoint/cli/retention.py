@@ -39,6 +39,9 @@ def forget(
         raise UsageError("give at least one --keep-* rule (forgetting everything is not an option)")
     repo = c.open_repository()
     result = forget_by_policy(repo, EventRecorder(c.catalog(), repo.id), policy, name=name, dry_run=dry_run)
+    if not dry_run:  # a forgotten point waits for no log prune: its saved credentials go too
+        gone = [d.id for d in result.decisions if not d.keep and not d.locked_until]
+        c.catalog().drop_pending_prunes(repo.id, gone)
     if as_json:
         print_json(result.to_json())
     else:

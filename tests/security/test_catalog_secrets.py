@@ -135,3 +135,21 @@ def test_an_older_catalog_loses_its_plaintext_passwords_on_open(tmp_path, record
     assert recording_writer.seen == [PASSWORD]
     assert os.listdir(str(path) + ".credentials") == []
     catalog.close()
+
+
+def test_forget_drops_the_credentials_of_its_points(cli, tmp_path):
+    from tests.conftest import make_image
+
+    cli.run("init", "--encryption", "none", check=True)
+    image = make_image(tmp_path / "disk.img", 1 << 20)
+    first = cli.run("backup", str(image), "--name", "disk", "--json", check=True).json()["id"]
+    cli.run("backup", str(image), "--name", "disk", check=True)
+    catalog = Catalog(cli.env["SUREPOINT_CATALOG"])
+    catalog.add_pending_prune("x", first, "disk", "recording", {"password": PASSWORD}, {})
+    repo_id = json.loads(cli.run("list", "--json", check=True).stdout)["repository"]
+    catalog.add_pending_prune(repo_id, first, "disk", "recording", {"password": PASSWORD}, {})
+    catalog.close()
+    credentials = Path(cli.env["SUREPOINT_CATALOG"] + ".credentials")
+    assert len(list(credentials.iterdir())) == 2
+    cli.run("forget", "--keep-last", "1", check=True)
+    assert len(list(credentials.iterdir())) == 1  # only the other repository's is left
