@@ -34,6 +34,25 @@ def known_repositories_path() -> str:
 def check_and_remember(repository_id: str, encryption: str, location: str, path: str | None = None) -> None:
     """Refuse a repository whose encryption is not what this machine saw before; remember a new one."""
     path = path or known_repositories_path()
+    try:
+        _check_and_remember(repository_id, encryption, location, path)
+    except OSError:
+        # No writable home (a job run as another user): what was remembered is still checked
+        # when it can be read, and nothing new is remembered.
+        seen = _load(path).get(repository_id)
+        if isinstance(seen, dict) and seen.get("encryption") not in (None, encryption):
+            raise _downgrade(repository_id, location, seen["encryption"], encryption, path) from None
+
+
+def _downgrade(repository_id: str, location: str, was: str, now: str, path: str) -> EncryptionDowngrade:
+    return EncryptionDowngrade(
+        f"repository {repository_id} at {location} was {was}-encrypted when this machine last opened it, "
+        f"and its config now says {now}: refusing it (the config may have been tampered with; if the "
+        f"repository was really re-created, remove its entry from {path})"
+    )
+
+
+def _check_and_remember(repository_id: str, encryption: str, location: str, path: str) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     with open(path + ".lock", "a") as lock:
@@ -41,11 +60,7 @@ def check_and_remember(repository_id: str, encryption: str, location: str, path:
         known = _load(path)
         seen = known.get(repository_id)
         if isinstance(seen, dict) and seen.get("encryption") not in (None, encryption):
-            raise EncryptionDowngrade(
-                f"repository {repository_id} at {location} was {seen['encryption']}-encrypted when this machine "
-                f"last opened it, and its config now says {encryption}: refusing it (the config may have been "
-                f"tampered with; if the repository was really re-created, remove its entry from {path})"
-            )
+            raise _downgrade(repository_id, location, seen["encryption"], encryption, path)
         if seen is None:
             known[repository_id] = {"encryption": encryption, "location": location}
             tmp = f"{path}.{os.getpid()}.tmp"
@@ -58,7 +73,7 @@ def check_and_remember(repository_id: str, encryption: str, location: str, path:
 
 
 def _load(path: str) -> dict:
-    with contextlib.suppress(FileNotFoundError, ValueError), open(path) as f:
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
         data = json.load(f)
         if isinstance(data, dict):
             return data
