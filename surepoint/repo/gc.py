@@ -29,6 +29,10 @@ from surepoint.repo.repository import INDEX_PREFIX, TRASH_PREFIX, Repository
 from surepoint.storage.backend import Backend, ObjectNotFound
 
 MARGIN_SECONDS = 300
+# File systems stamp mtimes from the kernel's coarse clock, which lags time.time() (a lock's
+# `created`) by up to a scheduler tick: a chunk written just after its backup took the lock can look
+# older than the lock. A tenth of a second covers any tick length.
+CLOCK_SLACK_SECONDS = 0.1
 TEMPORARY_MIN_AGE = 3600
 
 
@@ -65,7 +69,7 @@ def collect_garbage(
         remove_stale_locks(backend)
         started = time.time()
         backups = [lk for lk in read_locks(backend) if lk.kind == "backup" and not is_stale(lk)]
-        cutoff = min([started] + [lk.created for lk in backups]) - margin
+        cutoff = min([started] + [lk.created - CLOCK_SLACK_SECONDS for lk in backups]) - margin
         if backups:
             say(f"{len(backups)} backup(s) running: keeping everything written since they started")
 
