@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import Enum
 
 from surepoint.consistency.runner import CommandFailed, CommandRunner
-from surepoint.errors import SurepointError, UsageError
+from surepoint.errors import InvalidArgument, SurepointError
 
 EventSink = Callable[[str, str, str, str], None]  # (writer, phase, outcome, message)
 
@@ -35,7 +35,7 @@ class RestoreFailed(SurepointError):
     """A restore phase failed; the message names the writer and the phase."""
 
 
-class TargetInUse(UsageError):
+class TargetInUse(InvalidArgument):
     """The restore target holds data and replacing it was not asked for."""
 
 
@@ -100,7 +100,7 @@ def run_restore(writer: RestoreWriter, request: RestoreRequest, events: EventSin
         except (SurepointError, OSError) as exc:
             text = str(exc) if isinstance(exc, SurepointError) else f"{exc.strerror or exc}: {exc.filename or ''}"
             events(writer.name, phase.value, "failed", text)
-            if isinstance(exc, UsageError):
+            if isinstance(exc, InvalidArgument):
                 raise
             raise RestoreFailed(f"{writer.name} {phase.value}: {text}") from None
         message = (

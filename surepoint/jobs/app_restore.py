@@ -21,7 +21,7 @@ from surepoint.catalog import Catalog
 from surepoint.consistency.restore import RestoreReport, RestoreRequest, run_restore
 from surepoint.consistency.restore_registry import RESTORE_WRITERS
 from surepoint.consistency.runner import CommandRunner, HostRunner
-from surepoint.errors import RestorePointNotFound, SurepointError, UsageError
+from surepoint.errors import InvalidArgument, RestorePointNotFound, SurepointError
 from surepoint.events import EventRecorder
 from surepoint.repo.logstore import LogRecord, LogStore
 from surepoint.repo.manifest import RestorePoint
@@ -29,7 +29,7 @@ from surepoint.repo.repository import Repository
 from surepoint.timestamps import parse_utc
 
 
-class PointInTimeError(UsageError):
+class PointInTimeError(InvalidArgument):
     """The requested time cannot be reached from what the repository holds."""
 
 
@@ -82,7 +82,7 @@ def snapshot_time(point: RestorePoint, writer: str) -> datetime:
 def writer_metadata(point: RestorePoint, writer: str) -> dict:
     meta = (point.metadata.get("writers") or {}).get(writer)
     if meta is None:
-        raise UsageError(
+        raise InvalidArgument(
             f"restore point {point.id} ({point.name}) holds no {writer} data: its job had no {writer} writer"
         )
     return meta
@@ -202,15 +202,15 @@ def restore_application(
     started = time.monotonic()
     writer_class = RESTORE_WRITERS.get(options.writer)
     if writer_class is None:
-        raise UsageError(f"no restore rules for {options.writer!r}; known: {', '.join(sorted(RESTORE_WRITERS))}")
+        raise InvalidArgument(f"no restore rules for {options.writer!r}; known: {', '.join(sorted(RESTORE_WRITERS))}")
     if options.at is not None and not writer_class.supports_point_in_time:
-        raise UsageError(f"{options.writer} keeps no log history: a point in time cannot be restored")
+        raise InvalidArgument(f"{options.writer} keeps no log history: a point in time cannot be restored")
     if options.replica_of and (options.writer != "postgresql" or options.at is not None):
-        raise UsageError(
+        raise InvalidArgument(
             "a restore as a replica is for PostgreSQL, without a point in time (it streams to the present)"
         )
     if options.at is not None and options.writer == "mariadb" and options.at.microsecond:
-        raise UsageError("MariaDB's binary log records whole seconds: give the time to the second")
+        raise InvalidArgument("MariaDB's binary log records whole seconds: give the time to the second")
     try:
         point = choose_point(repository, options.ref, options.writer, options.at)
     except RestorePointNotFound:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from surepoint.catalog import Catalog
-from surepoint.errors import UsageError
+from surepoint.errors import InvalidArgument
 from surepoint.events import EventRecorder
 from surepoint.jobs.app_restore import mounted_point, writer_metadata
 from surepoint.jobs.explore_base import Explorer, ExportResult, ExportSink, split_item
@@ -31,7 +31,7 @@ def open_explorer(
 ) -> Iterator[Explorer]:
     """The point mounted, an overlay of the application's files, the throw-away server: an Explorer."""
     if writer not in EXPLORERS:
-        raise UsageError(f"explore knows {', '.join(EXPLORERS)}, not {writer!r}")
+        raise InvalidArgument(f"explore knows {', '.join(EXPLORERS)}, not {writer!r}")
     metadata = writer_metadata(point, writer)
     with mounted_point(repository, point, say) as roots, EXPLORERS[writer](roots, metadata) as explorer:
         yield explorer
@@ -52,9 +52,9 @@ def export(
     fmt = fmt or formats[0]
     if fmt not in formats:
         what = "a table" if table else "a whole database"
-        raise UsageError(f"{explorer.title}: {what} exports as {' or '.join(formats)}, not {fmt!r}")
+        raise InvalidArgument(f"{explorer.title}: {what} exports as {' or '.join(formats)}, not {fmt!r}")
     if where and not table:
-        raise UsageError("--where needs a table: DB.TABLE")
+        raise InvalidArgument("--where needs a table: DB.TABLE")
     result.format = fmt
     tmp = f"{target}.surepoint-partial"
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from surepoint.consistency.runner import one_line
-from surepoint.errors import SurepointError, UsageError
+from surepoint.errors import InvalidArgument, SurepointError
 from surepoint.repo.manifest import RestorePoint
 
 START_TIMEOUT = 300.0
@@ -84,7 +84,7 @@ def split_item(item: str) -> tuple[str, str | None, str | None]:
     """DB, DB.TABLE or DB.SCHEMA.TABLE -> (database, schema, table)."""
     parts = item.split(".")
     if not all(parts) or len(parts) > 3:
-        raise UsageError(f"{item!r} is not DB, DB.TABLE or DB.SCHEMA.TABLE")
+        raise InvalidArgument(f"{item!r} is not DB, DB.TABLE or DB.SCHEMA.TABLE")
     if len(parts) == 1:
         return parts[0], None, None
     if len(parts) == 2:

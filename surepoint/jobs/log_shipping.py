@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from surepoint.catalog import Catalog
 from surepoint.consistency.log_sources import LOG_SOURCES
 from surepoint.consistency.runner import CommandRunner, HostRunner
-from surepoint.errors import SurepointError, UsageError
+from surepoint.errors import ConfigError, SurepointError
 from surepoint.events import EventRecorder
 from surepoint.jobs.job_file import JobConfig
 from surepoint.repo.locks import repository_lock
@@ -85,9 +85,9 @@ def ship_logs(
     runner = runner or HostRunner()
     configs = [w for w in job.writers if w["type"] in LOG_SOURCES]
     if not configs:
-        raise UsageError(f"{job.path}: no postgresql or mariadb writer: no logs to ship")
+        raise ConfigError(f"{job.path}: no postgresql or mariadb writer: no logs to ship")
     if job.vm:
-        raise UsageError(f"{job.path}: log shipping runs on the database host; a VM job's logs are not shipped yet")
+        raise ConfigError(f"{job.path}: log shipping runs on the database host; a VM job's logs are not shipped yet")
     store = LogStore(repository)
     reports = []
 
