@@ -1,5 +1,8 @@
 """File-level restore: copy files out of a mounted restore point, to a local directory or into a VM.
 
+Over 500 lines because the safety rules below are one walk: splitting the host and in-VM
+copies apart would duplicate every check on untrusted names.
+
 Everything read comes from an untrusted guest filesystem, and nothing may be written outside the
 target directory:
 

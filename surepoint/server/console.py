@@ -2,7 +2,8 @@
 
 Login with a user's password opens a session cookie (HttpOnly, SameSite=Strict); every form
 that changes something carries the session's CSRF token. Pages call the service, never the
-HTTP API, except the live session log, which the script polls from /api/v1.
+HTTP API, except the live session log, which the script polls from /api/v1. Over 500 lines
+because it is one route table: each page is a short handler next to its form parsing.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Connection settings come from where the AWS tools take them: credentials from AW
 AWS_ENDPOINT_URL (AWS itself when neither is set), the region from AWS_REGION /
 AWS_DEFAULT_REGION / the profile, else us-east-1.
 
+Its length (over 500 lines) is one contract implemented whole: the Backend methods, the upload
+pool that makes them fast and the error mapping that makes them clear belong together.
+
 How the repository's promises hold on S3 (docs/s3.md has the whole story):
 - A PUT is atomic and, once it returns, durable and visible to every reader (S3 is strongly
   consistent). A commit is atomic because the restore-point manifest is the single last PUT,
