@@ -218,6 +218,7 @@ def _start_server(
         try:
             os.close(read_fd)
             _become_server(state, options.foreground, write_fd)
+            repository.backend.after_fork()
             cache = ChunkCache(repository.chunks.get, options.cache_bytes)
             prefetcher = Prefetcher(cache, workers=2)
             server_views = _views(repository, point, cache, prefetcher, options.readahead_chunks, log.error)

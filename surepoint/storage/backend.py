@@ -164,3 +164,9 @@ class Backend(ABC):
     def close(self) -> None:
         """Finish deferred work and release connections; the backend is not used afterwards."""
         return None
+
+    def after_fork(self) -> None:
+        """Called in a child process right after `os.fork()` (the mount server): open connections of
+        its own. A child must never share a socket, pipe or worker thread with its parent; local
+        files need nothing."""
+        return None

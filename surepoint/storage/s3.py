@@ -264,6 +264,11 @@ class S3Backend(Backend):
         self._cache: MetadataCache | None = None
         self.object_lock: ObjectLock | None = None
 
+    def after_fork(self) -> None:
+        # The parent's HTTP connections and upload threads are not ours: a client and a pool of our own.
+        self.client = make_client(self.settings)
+        self._uploads = _Uploads(self.settings.connections, UPLOAD_BYTES_IN_FLIGHT)
+
     # opening ---------------------------------------------------------------------------------
 
     @classmethod

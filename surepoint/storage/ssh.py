@@ -310,6 +310,16 @@ class SshBackend(Backend):
         if failure is not None:
             raise failure
 
+    def after_fork(self) -> None:
+        """A session of our own: the parent's ssh process and its pipes stay the parent's."""
+        inherited = self._proc
+        for stream in (inherited.stdin, inherited.stdout, inherited.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+        self._proc = None
+        self.__init__(self.location, command=self._command)
+
     def close(self) -> None:
         """End the session: the server sees end of input and exits."""
         proc = self._proc

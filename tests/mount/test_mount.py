@@ -66,6 +66,21 @@ def ext4_image(tmp_path: Path) -> tuple[Path, Path]:
     return image, staging
 
 
+def test_mount_from_an_s3_repository(mcli, tmp_path, ext4_image, seaweedfs):
+    """The FUSE server is a forked child: it reads S3 over connections of its own, not its parent's."""
+    from tests.servers.seaweedfs import use_s3
+
+    image, staging = ext4_image
+    use_s3(mcli, seaweedfs, tmp_path)
+    point = _backup(mcli, image, "aes-256-gcm")
+    where = tmp_path / "mnt"
+    state = _mount(mcli, point, where)
+    assert state["alive"] and [m["volume"] for m in state["mounts"]] == ["fs"]
+    assert sha256_file(where / "disks" / "0-guest.img.raw") == sha256_file(image)
+    _assert_same_tree(staging, where / "disk0" / "fs")
+    mcli.run("umount", str(where), check=True)
+
+
 @pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
 def test_mount_whole_disk_ext4_reads_back_and_is_read_only(mcli, tmp_path, ext4_image, encryption):
     image, staging = ext4_image
