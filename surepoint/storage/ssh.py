@@ -315,8 +315,12 @@ class SshBackend(Backend):
         inherited = self._proc
         for stream in (inherited.stdin, inherited.stdout, inherited.stderr):
             if stream is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    stream.close()
+                # Not stream.close(): the parent's stderr reader held that stream's lock at the fork,
+                # and no thread of ours will ever release it. The stream objects are kept, never
+                # collected, so they cannot close a later file that reuses the number.
+                with contextlib.suppress(OSError):
+                    os.close(stream.fileno())
+        self._inherited = inherited
         self._proc = None
         self.__init__(self.location, command=self._command)
 

@@ -81,6 +81,19 @@ def test_mount_from_an_s3_repository(mcli, tmp_path, ext4_image, seaweedfs):
     mcli.run("umount", str(where), check=True)
 
 
+def test_mount_from_an_ssh_repository(mcli, tmp_path, ext4_image, sshd):
+    """Over ssh:// the forked FUSE server runs an ssh session of its own."""
+    image, staging = ext4_image
+    mcli.repo = sshd.url(tmp_path / "remote-repo")
+    mcli.env.update(sshd.env(), SUREPOINT_REPO=mcli.repo)
+    point = _backup(mcli, image, "aes-256-gcm")
+    where = tmp_path / "mnt"
+    state = _mount(mcli, point, where)
+    assert state["alive"] and [m["volume"] for m in state["mounts"]] == ["fs"]
+    _assert_same_tree(staging, where / "disk0" / "fs")
+    mcli.run("umount", str(where), check=True)
+
+
 @pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
 def test_mount_whole_disk_ext4_reads_back_and_is_read_only(mcli, tmp_path, ext4_image, encryption):
     image, staging = ext4_image
