@@ -191,7 +191,7 @@ def test_backup_reusing_chunks_of_a_point_forgotten_meanwhile(tmp_path: Path, la
 
 
 def write_lock(repo: Repo, *, kind: str, pid: int, host: str | None = None, age: float = 0) -> Path:
-    """A lock object as surepoint/locks.py writes it."""
+    """A lock object as surepoint/repo/locks.py writes it."""
     now = time.time() - age
     lock_id = os.urandom(8).hex()
     record = {
