@@ -169,6 +169,10 @@ class SeaweedFS:
             f"-s3.localSocket={self.directory / 's3.sock'}",
             f"-filer.localSocket={self.directory / 'filer.sock'}",
             "-s3.autoCreateBucket=false",
+            # Every bucket is a collection with volumes of its own; left to itself the server sizes its
+            # volume slots by the free disk space and, on a fuller disk, runs out after a few dozen buckets.
+            "-volume.max=1000",
+            "-master.volumeSizeLimitMB=64",
         ]
         log = open(self.directory / "weed.log", "ab")  # noqa: SIM115 - the process keeps it
         try:
