@@ -23,7 +23,7 @@ from surepoint.server import auth, jobstore
 from surepoint.server.auth import ADMIN, OPERATE, READ, RESTORE, User
 from surepoint.server.kinds import ACTION_KINDS, parse_spec
 from surepoint.server.metrics import render
-from surepoint.server.service import Service
+from surepoint.server.service import LoginThrottled, Service
 
 COOKIE = "sp_session"
 
@@ -31,9 +31,10 @@ COOKIE = "sp_session"
 class HTTPProblem(SurepointError):
     """An API answer other than success, with its status code."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 def service(request: Request) -> Service:
@@ -125,7 +126,9 @@ def _remote(request: Request) -> str:
 def login(body: LoginIn, request: Request, response: Response, svc: Svc) -> dict:
     request.state.user = body.name
     try:
-        user = auth.login(svc.db, body.name, body.password)
+        user = svc.login(body.name, body.password, _remote(request))
+    except LoginThrottled as exc:
+        raise HTTPProblem(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
     except auth.AuthError as exc:
         raise HTTPProblem(401, str(exc)) from None
     cookie, csrf = auth.open_web_session(svc.db, user)

@@ -26,10 +26,10 @@ from surepoint.server.service import Service
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def _problem(status: int, message: str, request: Request):
+def _problem(status: int, message: str, request: Request, headers: dict[str, str] | None = None):
     """JSON for the API and /metrics; for the console a login redirect (401) or an error page."""
     if request.url.path.startswith("/api/") or request.url.path in ("/metrics", "/openapi.json"):
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else headers
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
     if status == 401:
         return console.login_redirect(request)
@@ -81,8 +81,9 @@ def create_app(service: Service, *, start: bool = True) -> FastAPI:
 
     @app.exception_handler(SurepointError)
     async def surepoint_error(request: Request, exc: SurepointError):
+        headers = None
         if isinstance(exc, api.HTTPProblem):
-            status = exc.status
+            status, headers = exc.status, exc.headers
         elif isinstance(exc, AuthError):
             status = 401
         elif isinstance(exc, AlreadyRunning | BrowseError):
@@ -91,7 +92,7 @@ def create_app(service: Service, *, start: bool = True) -> FastAPI:
             status = 400
         else:
             status = 409
-        return _problem(status, str(exc), request)
+        return _problem(status, str(exc), request, headers)
 
     app.include_router(api.router)
     app.include_router(api.metrics_router)

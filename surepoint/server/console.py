@@ -26,6 +26,7 @@ from surepoint import __version__
 from surepoint.errors import SurepointError, UsageError
 from surepoint.server import auth, jobstore
 from surepoint.server.api import COOKIE, HTTPProblem, service
+from surepoint.server.service import LoginThrottled
 from surepoint.server.auth import OPERATE, RESTORE, User
 from surepoint.server.kinds import JOB_KINDS, describe_validation, parse_spec
 
@@ -111,13 +112,13 @@ async def login(request: Request):
     request.state.user = name or "(anonymous)"
     svc = service(request)
     try:
-        user = auth.login(svc.db, name, password)
+        user = svc.login(name, password, request.client.host if request.client else "")
     except auth.AuthError as exc:
         return templates.TemplateResponse(
             request,
             "login.html",
             {"user": None, "next": _safe_next(str(form.get("next", "/"))), "error": str(exc)},
-            status_code=401,
+            status_code=429 if isinstance(exc, LoginThrottled) else 401,
         )
     cookie, _csrf = auth.open_web_session(svc.db, user)
     response = RedirectResponse(_safe_next(str(form.get("next", "/"))), status_code=303)

@@ -16,6 +16,15 @@ from surepoint.server.executor import Executor
 from surepoint.server.notify import Notifier
 from surepoint.server.repositories import Repositories
 from surepoint.server.scheduler import Scheduler
+from surepoint.server.throttle import LoginThrottle
+
+
+class LoginThrottled(auth.AuthError):
+    """Too many failed logins from this address (for this name): refused without checking."""
+
+    def __init__(self, wait: float) -> None:
+        self.retry_after = max(1, int(wait + 0.999))
+        super().__init__(f"too many failed logins; try again in {self.retry_after} s")
 
 
 class Service:
@@ -29,6 +38,7 @@ class Service:
         self.executor = Executor(self.db, config, on_finished=self._session_finished)
         self.scheduler = Scheduler(self.db, config, self.executor, on_session_end=self.notifier.session_ended)
         self.browser = Browser(config, self.executor.env_for)
+        self.throttle = LoginThrottle()
         self._started = False
         self._lock = threading.Lock()
 
@@ -58,6 +68,20 @@ class Service:
         self.executor.stop()
         self.browser.unmount_all()
         self.db.close()
+
+    def login(self, name: str, password: str, remote: str) -> auth.User:
+        """A password login, throttled per (name, address) and per address (the audit trail records
+        every attempt through the server's middleware)."""
+        wait = self.throttle.wait_seconds(name, remote)
+        if wait > 0:
+            raise LoginThrottled(wait)
+        try:
+            user = auth.login(self.db, name, password)
+        except auth.AuthError:
+            self.throttle.failed(name, remote)
+            raise
+        self.throttle.succeeded(name, remote)
+        return user
 
     def audit(
         self,
