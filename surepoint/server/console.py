@@ -26,9 +26,9 @@ from surepoint import __version__
 from surepoint.errors import SurepointError, UsageError
 from surepoint.server import auth, jobstore
 from surepoint.server.api import COOKIE, HTTPProblem, service
-from surepoint.server.service import LoginThrottled
 from surepoint.server.auth import OPERATE, RESTORE, User
 from surepoint.server.kinds import JOB_KINDS, describe_validation, parse_spec
+from surepoint.server.service import LoginThrottled
 
 RowId = Annotated[int, PathParam(ge=1, le=2**62)]
 Volume = Annotated[int, Query(ge=0, le=1024)]
