@@ -25,6 +25,7 @@ from surepoint.cli import (
     repository,
     restore,
     retention,
+    scan,
     serve,
     server,
     verify,
@@ -77,6 +78,7 @@ for module in (
     app_restore,
     instant,
     lab,
+    scan,
     server,
 ):
     module.register(app)

@@ -1,0 +1,231 @@
+"""Malware scans of restore points: YARA rules over every filesystem of a mounted point, and the
+walk back to the newest point that is clean.
+
+A point is mounted read-only (an existing mount of it is reused), each filesystem is scanned with
+guest paths (the root filesystem's /etc/fstab tells where the others are mounted in the guest),
+and the result is kept in the catalog as a verification of kind "malware-scan".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from surepoint.catalog import Catalog
+from surepoint.errors import SurepointError
+from surepoint.jobs.progress import Log, no_log
+from surepoint.mount.manager import MountOptions, mount_restore_point
+from surepoint.mount.records import MountState, clean_stale, load_states, state_dir, teardown
+from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repository import Repository
+from surepoint.scan.signals import suspicious_points
+from surepoint.scan.yara_scan import FileMatch, Rules, ScanReport, scan_tree
+from surepoint.text import printable
+
+SCAN_KIND = "malware-scan"
+FSTAB_MAX = 256 << 10
+
+
+@dataclass
+class VolumeScan:
+    disk: int
+    volume: str
+    fstype: str
+    guest_mount: str | None  # where the guest mounts it ("/", "/boot"), when its fstab says so
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PointScan:
+    point: RestorePoint
+    rules: Rules
+    report: ScanReport = field(default_factory=ScanReport)
+    volumes: list[VolumeScan] = field(default_factory=list)
+    not_scanned: list[dict] = field(default_factory=list)  # volumes the mount could not mount
+
+    def to_json(self) -> dict:
+        return {
+            "restore_point": self.point.id,
+            "name": self.point.name,
+            "rules": self.rules.path,
+            "rules_sha256": self.rules.sha256,
+            "volumes": [v.to_json() for v in self.volumes],
+            "not_mounted": self.not_scanned,
+            **self.report.to_json(),
+        }
+
+
+def _mounted(repository: Repository, point: RestorePoint) -> MountState | None:
+    for s in load_states():
+        if s.restore_point == point.id and s.repository == repository.id and s.status == "mounted" and s.alive():
+            return s
+    return None
+
+
+def scan_point(
+    repository: Repository,
+    point: RestorePoint,
+    rules: Rules,
+    catalog: Catalog | None = None,
+    *,
+    log: Log = no_log,
+    on_match: Callable[[FileMatch], None] | None = None,
+) -> PointScan:
+    """Mount `point` read-only, run `rules` over the files of every filesystem, record the outcome."""
+    clean_stale(log=log)
+    state = _mounted(repository, point)
+    own_dir = None
+    if state is None:
+        base = os.path.dirname(state_dir().rstrip("/"))
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        own_dir = tempfile.mkdtemp(prefix="scan-", dir=base)
+        try:
+            state = mount_restore_point(repository, point, own_dir, MountOptions(), say=log)
+        except BaseException:
+            os.rmdir(own_dir)
+            raise
+    result = PointScan(point, rules, not_scanned=list(state.skipped))
+    try:
+        if not state.mounts:
+            raise SurepointError(f"restore point {point.id} has no filesystem that can be mounted")
+        places = guest_mount_points(state.mounts)
+        for m in state.mounts:
+            where = places.get(m["path"])
+            volume = VolumeScan(m["disk"], m["volume"], m["fstype"], where)
+            result.volumes.append(volume)
+            prefix = where or f"[disk {m['disk']} {m['volume']}]/"
+            log(f"scanning disk {m['disk']} {m['volume']} ({m['fstype']}) as {printable(prefix)}")
+            scan_tree(rules, m["path"], prefix, result.report, on_match=on_match)
+    finally:
+        if own_dir is not None:
+            try:
+                teardown(state, lazy=False)
+            except SurepointError:
+                teardown(state, lazy=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(own_dir)
+    if catalog is not None:
+        details = result.to_json()
+        details["matches"] = details["matches"][:1000]
+        details["errors"] = details["errors"][:100]
+        details["skipped"] = details["skipped"][:100]
+        catalog.record_verification(repository.id, point.id, SCAN_KIND, result.report.outcome, details)
+    return result
+
+
+def guest_mount_points(mounts: list[dict]) -> dict[str, str]:
+    """Host mount path -> the guest's mount point, from the root filesystem's /etc/fstab (UUID= and LABEL=)."""
+    ids = {m["path"]: _fs_ids(m["device"]) for m in mounts}
+    for m in mounts:
+        fstab = _read_guest_file(m["path"], ("etc", "fstab"))
+        if fstab is None:
+            continue
+        found = {m["path"]: "/"}
+        for line in fstab.splitlines():
+            fields = line.split()
+            if len(fields) < 2 or fields[0].startswith("#") or not fields[1].startswith("/"):
+                continue
+            spec, where = fields[0], fields[1].replace("\\040", " ")
+            for path, (uuid, label) in ids.items():
+                if path in found:
+                    continue
+                if (uuid and spec in (f"UUID={uuid}", f"/dev/disk/by-uuid/{uuid}")) or (
+                    label and spec in (f"LABEL={label}", f"/dev/disk/by-label/{label}")
+                ):
+                    found[path] = where
+        return found
+    return {mounts[0]["path"]: "/"} if len(mounts) == 1 else {}
+
+
+def _fs_ids(device: str) -> tuple[str | None, str | None]:
+    try:
+        out = subprocess.run(
+            ["blkid", "-p", "-o", "export", device], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return values.get("UUID"), values.get("LABEL")
+
+
+def _read_guest_file(root: str, parts: tuple[str, ...]) -> str | None:
+    """A small file of the guest read without following any symlink (it could point at the host's files)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (0 if last else os.O_DIRECTORY)
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError:
+                return None
+            os.close(fd)
+            fd = nxt
+        data = os.read(fd, FSTAB_MAX)
+        return data.decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class CleanSearch:
+    clean: RestorePoint | None
+    passed_over: list[dict] = field(default_factory=list)  # {"restore_point", "reason"}, newest first
+
+    def to_json(self) -> dict:
+        return {"clean": self.clean.id if self.clean else None, "passed_over": self.passed_over}
+
+
+def find_clean(
+    repository: Repository,
+    name: str,
+    rules: Rules | None,
+    catalog: Catalog,
+    *,
+    log: Log = no_log,
+) -> CleanSearch:
+    """The newest restore point of `name` with no change signal and no YARA match.
+
+    With `rules`, each candidate is scanned (newest first) until one is clean; without, the last
+    recorded scan of each point counts, and a point never scanned counts as clean if it has no signal.
+    """
+    series = [p for p in repository.list_restore_points() if p.name == name]
+    if not series:
+        raise SurepointError(f"no restore point named {printable(name)}")
+    signals = suspicious_points(series)
+    search = CleanSearch(None)
+    for point in sorted(series, key=lambda p: p.created, reverse=True):
+        if point.id in signals:
+            search.passed_over.append({"restore_point": point.id, "reason": f"suspicious: {signals[point.id]}"})
+            log(f"{point.id}: suspicious: {signals[point.id]}")
+            continue
+        if rules is not None:
+            report = scan_point(repository, point, rules, catalog, log=log).report
+            outcome, when = report.outcome, "now"
+            matches, errors = len(report.matches), len(report.errors)
+        else:
+            last = catalog.latest_verification(repository.id, point.id, SCAN_KIND)
+            if last is None:
+                search.clean = point
+                break
+            outcome, when = last["state"], f"on {last['time']}"
+            matches, errors = len(last["details"].get("matches", [])), len(last["details"].get("errors", []))
+        if outcome == "clean":
+            search.clean = point
+            break
+        reason = (
+            f"YARA: {matches} files match (scanned {when})"
+            if outcome == "match"
+            else f"scan incomplete: {errors} files unreadable (scanned {when})"
+        )
+        search.passed_over.append({"restore_point": point.id, "reason": reason})
+        log(f"{point.id}: {reason}")
+    return search
