@@ -114,6 +114,13 @@ class LocalBackend(Backend):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise _storage_error(exc, name) from None
+        except BaseException:
+            # Interrupted (a signal, a KeyboardInterrupt, a failed fault hook): the temporary goes
+            # too. Only kill -9 or a power cut can leave one, which list_temporary() reports and gc
+            # removes once its writer is gone.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if durable:
             _fsync_dir(directory)
             if new_directory:

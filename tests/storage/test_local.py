@@ -115,3 +115,45 @@ def test_new_directories_become_durable(tmp_path, monkeypatch):
     root = str(tmp_path / "repo")
     for directory in (root, f"{root}/logs", f"{root}/logs/series", f"{root}/logs/series/writer"):
         assert directory in synced, (directory, synced)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_put_leaves_no_temporary(tmp_path, monkeypatch, interruption):
+    backend = storage.open(str(tmp_path / "repo"), create=True)
+
+    def interrupted_fsync(fd: int) -> None:
+        raise interruption()  # what a signal handler raises between the write and the rename
+
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    with pytest.raises(interruption):
+        backend.put("chunks/ab/ab01", b"x" * 100_000)
+    monkeypatch.undo()
+    assert list(backend.list_temporary()) == []
+    assert not backend.exists("chunks/ab/ab01")
+    assert [p.name for p in (tmp_path / "repo" / "chunks" / "ab").iterdir()] == []
+
+
+def test_a_temporary_left_by_kill_9_is_reported_then_collected(tmp_path):
+    """kill -9 in the middle of a put (the writer kills itself at its fsync: no race) leaves a
+    temporary; list_temporary() says its writer is gone and gc removes it after the grace period."""
+    from surepoint.repo.gc import collect_garbage
+    from surepoint.repo.repository import Repository
+
+    repository = Repository.create(storage.open(str(tmp_path / "repo"), create=True))
+    script = (
+        "import os, signal, sys\n"
+        "from surepoint import storage\n"
+        "backend = storage.open(sys.argv[1])\n"
+        "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "backend.put('chunks/ab/' + 'ab' * 32, b'half a chunk')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "repo")], capture_output=True)
+    assert proc.returncode == -9
+    left = list(repository.backend.list_temporary())
+    assert len(left) == 1 and left[0].writer_gone and left[0].name.startswith("chunks/ab/")
+    assert list(repository.backend.list("chunks/")) == []  # never visible as an object
+    assert collect_garbage(repository).removed_temporary == 0  # within the grace period: kept
+    tmp = os.path.join(repository.backend.root, left[0].name)
+    os.utime(tmp, (os.stat(tmp).st_atime - 600, os.stat(tmp).st_mtime - 600))
+    assert collect_garbage(repository).removed_temporary == 1
+    assert list(repository.backend.list_temporary()) == []
