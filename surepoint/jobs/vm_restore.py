@@ -13,7 +13,7 @@ from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.repo.restore import restore_disk
 from surepoint.vm.boot import start_qemu, wait_for_guest_agent
-from surepoint.vm.command_line import rewrite_command_line
+from surepoint.vm.command_line import disk_maps, rewrite
 from surepoint.vm.inventory import parse_command_line
 
 
@@ -54,8 +54,15 @@ def restore_vm(
             paths.append(raw)
     name = f"{point.name}-restored"
     argv = vm.get("command_line") or []
+    notes: list[str] = []
     if argv:
-        argv = rewrite_command_line(argv, vm.get("disks", []), paths, disk_format, target_dir, name)
+        rewritten = rewrite(
+            argv, name=name, workdir=target_dir, disks=disk_maps(vm.get("disks", []), paths, disk_format)
+        )
+        notes = rewritten.notes
+        # a VM that daemonized keeps doing so from its start script; --start runs QEMU itself
+        script_argv = rewritten.daemon_argv() if rewritten.daemonize else rewritten.argv
+        argv = rewritten.argv
     else:
         argv = [
             "qemu-system-x86_64",
@@ -72,19 +79,22 @@ def restore_vm(
         ]
         for path in paths:
             argv += ["-drive", f"file={path},format={disk_format},if=virtio"]
+        script_argv = argv
+    for note in notes:
+        say(note)
     script = os.path.join(target_dir, "start-vm.sh")
     with open(script, "w") as f:
         f.write(
             "#!/bin/sh\n# Recreated by surepoint from restore point "
             + point.id
             + "\nexec "
-            + " ".join(shlex.quote(a) for a in argv)
+            + " ".join(shlex.quote(a) for a in script_argv)
             + "\n"
         )
     os.chmod(script, 0o755)
     with open(os.path.join(target_dir, "vm.json"), "w") as f:
         json.dump({"restore_point": point.id, "argv": argv, "disks": paths, "original": vm}, f, indent=2)
-    result: dict = {"restore_point": point.id, "disks": paths, "start_script": script, "argv": argv}
+    result: dict = {"restore_point": point.id, "disks": paths, "start_script": script, "argv": argv, "notes": notes}
     if start:
         result.update(_boot(argv, target_dir, boot_timeout))
     return result

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.errors import InvalidArgument, TargetError
+from surepoint.vm.command_line import NetworkMap, Nic, rewrite_network
 
 NAMESPACE_PREFIX = "surepoint-lab-"
 BRIDGE = "splab0"
@@ -191,194 +192,16 @@ def _ip(args: list[str], what: str) -> str:
 
 # ---- the saved command line, attached to the lab ------------------------------------------------
 
-
-@dataclass
-class NicPlan:
-    """One guest NIC of a lab VM: the tap behind it and the MAC the guest sees."""
-
-    netdev_id: str | None  # id of the -netdev (None for -nic)
-    tap: str
-    mac: str  # the MAC the guest will see (lower case)
-    original_mac: str | None  # MAC in the saved command line (None if QEMU's default would have been used)
-    mac_changed: bool  # True when the lab had to give a new MAC (conflict with another lab VM, or none set)
+NicPlan = Nic  # one guest NIC of a lab VM: the tap behind it and the MAC the guest sees
 
 
 def attach_to_lab(argv: list[str], new_tap: Callable[[], str], used_macs: set[str]) -> tuple[list[str], list[NicPlan]]:
     """The saved QEMU command line with every network backend replaced by a tap of the lab.
 
-    Every `-netdev` (any type, key=value or JSON form) becomes a tap backend from `new_tap()` with the
-    same id; its old options (hostfwd, helper, vhost, fds, ...) are gone. Each `-device ...,netdev=ID`
-    keeps all its options except mac=. Each `-nic TYPE` (not `none`) becomes `-nic tap` keeping
-    model=, mac= and id=. Without any network option and without -nodefaults QEMU would add its default
-    NIC; the lab adds it as `-nic tap` instead. Every NIC gets an explicit MAC: the saved one unless
-    `used_macs` holds it, else a new 52:54:00:xx:xx:xx; each final MAC is added to `used_macs`.
-    Plans are per guest NIC, in command-line order (a -netdev without a NIC still gets a tap, no plan).
+    surepoint.vm.command_line does the work (network tap, MACs unique among the lab's VMs): every
+    `-netdev` becomes a tap from `new_tap()` with the same id and none of its old options; each NIC
+    keeps its frontend and gets an explicit MAC, the saved one unless `used_macs` holds it.
     """
-    options = _network_options(argv)
-    taken = {m.lower() for m in used_macs}
-    # MACs written in this command line: a generated MAC must not take one that a later NIC keeps
-    saved_here: set[str] = set()
-    frontends: dict[str, str | None] = {}  # netdev id -> MAC saved on its -device (QEMU allows one NIC per netdev)
-    for _, flag, value in options:
-        if flag == "-net" and value.strip() != "none":
-            raise InvalidArgument(
-                f"the saved command line uses the legacy -net option ({value}); the lab cannot attach it "
-                "to its network: describe the NIC with -netdev/-device or -nic"
-            )
-        if flag in ("-device", "-nic"):
-            opts = _json_or_keyval(value, flag)
-            if opts.get("mac"):
-                saved_here.add(opts["mac"].lower())
-            if flag == "-device" and opts.get("netdev"):
-                frontends.setdefault(opts["netdev"], opts.get("mac"))
-
-    plans: list[NicPlan] = []
-
-    def plan(netdev_id: str | None, saved: str | None) -> NicPlan:
-        mac, changed = _choose_mac(saved, taken, saved_here)
-        used_macs.add(mac)
-        nic = NicPlan(netdev_id, new_tap(), mac, saved, changed)
-        plans.append(nic)
-        return nic
-
-    # backends first, in command-line order (tap numbers follow it); then the NICs that use them,
-    # which QEMU allows anywhere on the line, also before their -netdev
-    replaced: dict[int, str] = {}
-    for i, flag, value in options:
-        if flag == "-netdev":
-            replaced[i + 1] = _netdev(value, frontends, plan, new_tap)
-        elif flag == "-nic":
-            replaced[i + 1] = _nic(value, plan)
-    macs = {nic.netdev_id: nic.mac for nic in plans if nic.netdev_id is not None}
-    for i, flag, value in options:
-        if flag == "-device":
-            replaced[i + 1] = _device(value, macs)
-    out = [replaced.get(i, arg) for i, arg in enumerate(argv)]
-    if not _has_any(options, ("-net", "-netdev", "-nic")) and "-nodefaults" not in map(_flag, argv):
-        out += ["-nic", _nic("user", plan)]
-    return out, plans
-
-
-def _has_any(options: list[tuple[int, str, str]], flags: tuple[str, ...]) -> bool:
-    return any(flag in flags for _, flag, _ in options)
-
-
-def _netdev(
-    value: str,
-    frontends: dict[str, str | None],
-    plan: Callable[[str | None, str | None], NicPlan],
-    new_tap: Callable[[], str],
-) -> str:
-    opts = _json_or_keyval(value, "-netdev")
-    netdev_id = opts.get("id")
-    if not netdev_id:
-        raise InvalidArgument(f"the saved command line has a -netdev without id ({value}); the lab cannot attach it")
-    # a -netdev no NIC uses (QEMU only warns) still gets a tap: no old backend may survive
-    tap = plan(netdev_id, frontends[netdev_id]).tap if netdev_id in frontends else new_tap()
-    if _is_json(value):
-        return json.dumps({"type": "tap", "id": netdev_id, "ifname": tap, "script": "no", "downscript": "no"})
-    return f"tap,id={_escape(netdev_id)},ifname={_escape(tap)},script=no,downscript=no"
-
-
-def _device(value: str, macs: dict[str, str]) -> str:
-    mac = macs.get(_json_or_keyval(value, "-device").get("netdev") or "")
-    if mac is None:
-        return value  # not a NIC, or its -netdev is not on the command line (QEMU will say so)
-    if _is_json(value):
-        return json.dumps({**json.loads(value), "mac": mac})
-    return ",".join([*(p for p in _split(value) if _key(p) != "mac"), f"mac={mac}"])
-
-
-def _nic(value: str, plan: Callable[[str | None, str | None], NicPlan]) -> str:
-    parts = _split(value)
-    opts = _keyval(parts, "type")
-    if opts.get("type") == "none":
-        return value
-    kept = [p for p in parts if _key(p) in ("model", "id")]
-    nic = plan(None, opts.get("mac"))
-    return ",".join(["tap", f"ifname={_escape(nic.tap)}", "script=no", "downscript=no", *kept, f"mac={nic.mac}"])
-
-
-def _choose_mac(saved: str | None, taken: set[str], avoid: set[str]) -> tuple[str, bool]:
-    if saved and saved.lower() not in taken:
-        mac, changed = saved.lower(), False
-    else:
-        mac = saved.lower() if saved else ""
-        while not mac or mac in taken or mac in avoid:
-            mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
-        changed = True
-    taken.add(mac)
-    return mac, changed
-
-
-def _flag(arg: str) -> str:
-    return arg[1:] if arg.startswith("--") else arg  # QEMU takes --netdev as -netdev
-
-
-def _network_options(argv: list[str]) -> list[tuple[int, str, str]]:
-    """(index, flag, value) of each -net/-netdev/-nic/-device; other words are not paired (many take no value)."""
-    found, i = [], 0
-    while i < len(argv) - 1:
-        flag = _flag(argv[i])
-        if flag in ("-net", "-netdev", "-nic", "-device"):
-            found.append((i, flag, argv[i + 1]))
-            i += 2
-        else:
-            i += 1
-    return found
-
-
-def _is_json(value: str) -> bool:
-    return value.lstrip().startswith("{")
-
-
-def _json_or_keyval(value: str, flag: str) -> dict[str, str]:
-    """Options of a -netdev/-device/-nic value, unescaped; the type or driver under "type"/"driver"."""
-    if _is_json(value):
-        try:
-            obj = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(f"the saved command line has an invalid JSON {flag} ({value}): {e}") from None
-        if not isinstance(obj, dict):
-            raise InvalidArgument(f"the saved command line has an invalid JSON {flag} ({value})")
-        return {k: v for k, v in obj.items() if isinstance(v, str)}
-    return _keyval(_split(value), "driver" if flag == "-device" else "type")
-
-
-def _split(value: str) -> list[str]:
-    """QEMU's key=value list split at single commas; ',,' (an escaped comma) stays inside its part."""
-    parts, current, i = [], [], 0
-    while i < len(value):
-        if value[i] == "," and value[i + 1 : i + 2] == ",":
-            current.append(",,")
-            i += 2
-        elif value[i] == ",":
-            parts.append("".join(current))
-            current = []
-            i += 1
-        else:
-            current.append(value[i])
-            i += 1
-    parts.append("".join(current))
-    return parts
-
-
-def _key(part: str) -> str | None:
-    return part.split("=", 1)[0] if "=" in part else None
-
-
-def _keyval(parts: list[str], implied: str) -> dict[str, str]:
-    """The options as a dict (last one wins, as in QEMU); a leading bare word is the implied key."""
-    opts = {}
-    for n, part in enumerate(parts):
-        key = _key(part)
-        if key is None:
-            if n == 0:
-                opts[implied] = part.replace(",,", ",")
-            continue  # a bare flag such as `mq`: not needed here
-        opts[key] = part.split("=", 1)[1].replace(",,", ",")
-    return opts
-
-
-def _escape(value: str) -> str:
-    return value.replace(",", ",,")
+    words = list(argv)
+    result = rewrite_network(words, NetworkMap("tap", tap=new_tap), used_macs)
+    return result.argv, result.nics

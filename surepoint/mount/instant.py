@@ -35,9 +35,8 @@ from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.statefile import write_json_atomically
 from surepoint.vm.boot import start_qemu, wait_for_guest_agent
-from surepoint.vm.command_line import rewrite_command_line
+from surepoint.vm.command_line import disk_maps, rewrite
 from surepoint.vm.errors import QmpError
-from surepoint.vm.inventory import parse_command_line
 from surepoint.vm.qmp import QmpConnection
 
 STATE_FILE = "instant.json"
@@ -188,22 +187,24 @@ def start_instant(
             raise TargetError(
                 f"restore point {point.id} has {len(overlays)} disks but its VM metadata names {len(saved_disks)}"
             )
-        argv = [a for a in argv if a != "-daemonize"]  # QEMU must stay the process we started
-        argv = rewrite_command_line(argv, saved_disks, overlays, "qcow2", workdir, session.name)
-        missing = [o for o in overlays if not any(o in a for a in argv)]
-        if missing:
+        # -daemonize goes (QEMU must stay the process started here), sockets move into WORKDIR
+        rewritten = rewrite(argv, name=session.name, workdir=workdir, disks=disk_maps(saved_disks, overlays, "qcow2"))
+        if rewritten.missing_disks:
             raise TargetError(
-                "cannot find the VM's disks in its saved command line (disk "
-                + ", ".join(os.path.basename(m) for m in missing)
+                "cannot find the VM's disks in its saved command line ("
+                + ", ".join(rewritten.missing_disks)
                 + "); use `surepoint vm restore`"
             )
+        for note in rewritten.notes:
+            say(note)
+        argv = rewritten.argv
         if prepare_argv is not None:
             argv = prepare_argv(argv)
         session.argv = argv
-        info = parse_command_line(argv)
-        if info is None:
+        if rewritten.qmp is None:
             raise NotAVmBackup("the saved command line has no QMP socket")
-        session.qmp = info.qmp
+        session.qmp = rewritten.qmp
+        session.guest_agent = rewritten.guest_agent
         for name in ("qmp.sock", "console.log"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(workdir, name))
@@ -227,8 +228,6 @@ def _boot(session: InstantSession, timeout: float) -> None:
 
     The pid is saved at once, so that an interrupted or failed boot is cleaned up like a crash.
     """
-    info = parse_command_line(session.argv)
-    session.guest_agent = info.guest_agent if info else None
     log_path = os.path.join(session.workdir, "qemu.log")
     proc = start_qemu(session.command_prefix + session.argv, log_path)
     session.pid = proc.pid
@@ -457,9 +456,9 @@ def migrate_instant(
             os.unlink(entry["overlay"])
     _unmount(session, say)
     # a start script for the next boot, from the targets (sockets in the target directory)
-    argv = list(session.argv)
     overlay_disks = [{"filename": o["overlay"]} for o in session.overlays]
-    argv = rewrite_command_line(argv, overlay_disks, session.disks, "qcow2", target_dir, session.name)
+    maps = disk_maps(overlay_disks, session.disks, "qcow2")
+    argv = rewrite(session.argv, name=session.name, workdir=target_dir, disks=maps).argv
     script = os.path.join(target_dir, "start-vm.sh")
     with open(script, "w") as f:
         f.write(
