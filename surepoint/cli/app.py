@@ -18,6 +18,7 @@ from surepoint.cli import (
     backup,
     copy,
     events,
+    failover,
     instant,
     lab,
     mount,
@@ -79,6 +80,7 @@ for module in (
     instant,
     lab,
     scan,
+    failover,
     server,
 ):
     module.register(app)
