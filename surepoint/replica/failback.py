@@ -34,7 +34,7 @@ from surepoint.replica.failover import qemu_img, require_state, stop_failover_vm
 from surepoint.replica.layout import FAILED_OVER, FAILOVER, READY, ReplicaDir, file_stem
 from surepoint.timestamps import utc_now
 from surepoint.vm.boot import start_qemu, wait_for_guest_agent
-from surepoint.vm.command_line import rewrite_command_line
+from surepoint.vm.command_line import disk_maps, rewrite
 from surepoint.vm.inventory import parse_command_line
 
 BITMAP_PREFIX = "surepoint"  # changed-block bitmaps of backups and replication
@@ -183,15 +183,16 @@ def _remove_bitmaps(path: str) -> list[str]:
 
 
 def _start(replica: ReplicaDir, new_dir: str | None, targets: dict[str, str], timeout: float, say: Say) -> dict:
-    argv = [a for a in replica.source.argv if a != "-daemonize"]  # watch QEMU itself
+    argv = replica.source.argv
     if not argv:
         return {"started": False, "note": "no saved command line: start the VM yourself"}
     workdir = new_dir
-    if new_dir is not None:
+    if new_dir is None:
+        argv = [a for a in argv if a != "-daemonize"]  # watch QEMU itself
+    else:
         disks = [{"filename": d.filename} for d in replica.source.disks]
-        argv = rewrite_command_line(
-            argv, disks, [targets[d.device] for d in replica.source.disks], "qcow2", new_dir, replica.vm
-        )
+        new_paths = [targets[d.device] for d in replica.source.disks]
+        argv = rewrite(argv, name=replica.vm, workdir=new_dir, disks=disk_maps(disks, new_paths, "qcow2")).argv
     info = parse_command_line(argv)
     log_path = os.path.join(workdir or os.path.join(replica.path, FAILOVER), "original-qemu.log")
     say(f"starting {replica.vm}")

@@ -39,7 +39,7 @@ from surepoint.replica.layout import DISKS, FAILED_OVER, FAILOVER, PERMANENT, RE
 from surepoint.replica.netmap import NetworkRule, apply_network
 from surepoint.timestamps import utc_now
 from surepoint.vm.boot import start_qemu, wait_for_guest_agent
-from surepoint.vm.command_line import rewrite_command_line
+from surepoint.vm.command_line import disk_maps, rewrite
 from surepoint.vm.errors import GuestAgentError, QmpError
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.inventory import parse_command_line
@@ -117,15 +117,13 @@ def make_overlays(spec: BootSpec, workdir: str) -> list[str]:
 
 def boot_argv(spec: BootSpec, overlays: list[str], workdir: str, name: str) -> list[str]:
     """The saved command line on the overlays, its sockets and logs in `workdir`, named `name`."""
-    argv = [a for a in spec.argv if a != "-daemonize"]  # QEMU must stay the process that is started
-    argv = rewrite_command_line(argv, spec.disks, overlays, "qcow2", workdir, name)
-    missing = [o for o in overlays if not any(o in a for a in argv)]
-    if missing:
+    result = rewrite(spec.argv, name=name, workdir=workdir, disks=disk_maps(spec.disks, overlays, "qcow2"))
+    if result.missing_disks or len(result.disks) != len(overlays):
         raise InvalidArgument(
             f"the saved command line of {spec.vm} does not name its disk(s) "
-            + ", ".join(d["filename"] or d["device"] for d, o in zip(spec.disks, overlays, strict=True) if o in missing)
+            + ", ".join(result.missing_disks or [d["filename"] or d["device"] for d in spec.disks])
         )
-    return argv
+    return result.argv
 
 
 # -- failover ----------------------------------------------------------------------------------
