@@ -35,8 +35,13 @@ def register(app: typer.Typer) -> None:
             str, typer.Argument(help="A name (its latest point, or the last before --at), or an id.")
         ],
         to: Annotated[
-            str, typer.Option("--to", help="Data directory (SQLite: database file or directory) to restore into.")
-        ],
+            str | None,
+            typer.Option(
+                "--to",
+                help="Data directory (SQLite: database file or directory) to restore into; with --vm, a path in "
+                "the guest (default: where it was at the backup).",
+            ),
+        ] = None,
         at: Annotated[
             str | None,
             typer.Option("--at", help="Point in time: replay shipped logs up to it ('2026-12-01 10:15:00')."),
@@ -66,6 +71,17 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="Replace data at --to (the old contents are moved aside, never deleted).")
         ] = False,
         timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to start and recover.")] = 300,
+        vm: Annotated[
+            str | None,
+            typer.Option("--vm", help="Restore inside this running VM, through its guest agent (its own service)."),
+        ] = None,
+        service: Annotated[
+            str | None,
+            typer.Option(help="With --vm: the application's systemd unit in the guest (default: found)."),
+        ] = None,
+        inventory: Annotated[
+            str | None, typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory file (with --vm).")
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Restore one application from a restore point: pre-restore, restore, post-restore, each recorded.
@@ -77,17 +93,25 @@ def register(app: typer.Typer) -> None:
         the same with InnoDB crash recovery, and the binary log position of the snapshot recorded.
         SQLite: the database file without the -wal/-shm of the file it replaces. With --at, the last
         restore point before that time is taken and the logs shipped with `surepoint logs ship` are
-        replayed up to it.
+        replayed up to it. With --vm the same happens inside a running VM: its service is stopped, the
+        data copied in through a hot-plugged port (or the guest agent), the service started and checked.
         """
         from surepoint.consistency.restore import TargetInUse
         from surepoint.jobs.app_restore import AppRestoreOptions, PointInTimeError, restore_application
 
+        if not to and not vm:
+            raise UsageError("give --to DIRECTORY (or --vm NAME to restore inside a running VM)")
+        if service and not vm:
+            raise UsageError("--service is for a restore inside a VM (--vm NAME)")
         c: Context = ctx.obj
         repo = c.open_repository()
         options = AppRestoreOptions(
             writer=writer,
             ref=restore_point,
-            target=to,
+            target=to or "",
+            vm=vm,
+            service=service,
+            inventory=inventory,
             at=parse_time(at) if at else None,
             port=port,
             socket=socket,
@@ -111,7 +135,9 @@ def register(app: typer.Typer) -> None:
             print_json(result.to_json())
             return
         out.print(
-            f"restored {writer} from {result.point.id} ({result.point.name}) to {result.target}"
+            f"restored {writer} from {result.point.id} ({result.point.name}) to "
+            + (f"VM {vm}: " if vm else "")
+            + result.target
             + (f" as of {options.at.isoformat()}, {len(result.logs)} log file(s) replayed" if options.at else "")
             + f" in {result.seconds:.1f} s"
         )

@@ -58,6 +58,7 @@ class RestoreRequest:
     replica_of: str | None = None  # PostgreSQL: come back as a standby streaming from this primary (conninfo)
     overwrite: bool = False  # move existing data at the target aside instead of failing
     timeout: float = 300.0
+    service: str | None = None  # in a guest: the application's systemd unit (default: found)
 
 
 @dataclass

@@ -47,6 +47,9 @@ class AppRestoreOptions:
     replica_of: str | None = None  # PostgreSQL: restore as a standby of this primary (conninfo)
     overwrite: bool = False
     timeout: float = 300.0
+    vm: str | None = None  # restore inside this running VM, through its guest agent
+    service: str | None = None  # in a VM: the systemd unit of the application (default: found)
+    inventory: str | None = None  # VM inventory file (how to reach the VM)
 
 
 @dataclass
@@ -191,6 +194,35 @@ def mounted_point(repository: Repository, point: RestorePoint, say: Callable[[st
             os.rmdir(own_dir)
 
 
+def guest_target(options: AppRestoreOptions, meta: dict) -> str:
+    """Where the application goes in the guest: --to, else where it was at the backup."""
+    if options.target:
+        if not options.target.startswith("/"):
+            raise InvalidArgument(f"{options.target!r}: give an absolute path in the guest")
+        return options.target.rstrip("/") or "/"
+    original = {"postgresql": meta.get("data_directory"), "mariadb": meta.get("datadir")}.get(options.writer, "")
+    if options.writer != "sqlite" and not original:
+        raise InvalidArgument(f"the restore point does not say where {options.writer}'s data was: give --to")
+    return (original or "").rstrip("/")
+
+
+@contextlib.contextmanager
+def guest_writer(options: AppRestoreOptions) -> Iterator:
+    """The writer's in-guest restore rules, on an open guest-agent connection to the VM."""
+    from surepoint.consistency.guest_runner import GuestRunner
+    from surepoint.consistency.guest_transfer import GuestTransfer
+    from surepoint.consistency.restore_guest import GUEST_RESTORE_WRITERS
+    from surepoint.vm.inventory import find_vm, guest_agent_for
+    from surepoint.vm.libvirt_domain import open_qmp
+
+    vm = find_vm(options.vm or "", options.inventory)
+    agent = guest_agent_for(vm.name, options.inventory)
+    with agent:
+        runner = GuestRunner(agent, vm.name)
+        transfer = GuestTransfer(runner, lambda: open_qmp(vm), timeout=max(options.timeout, 600.0))
+        yield GUEST_RESTORE_WRITERS[options.writer](runner, transfer)
+
+
 def restore_application(
     repository: Repository,
     catalog: Catalog,
@@ -209,6 +241,10 @@ def restore_application(
         raise InvalidArgument(
             "a restore as a replica is for PostgreSQL, without a point in time (it streams to the present)"
         )
+    if options.vm and (options.replica_of or options.port or options.socket or options.os_user):
+        raise InvalidArgument(
+            "inside a VM the application comes back as its own service: no port, socket, user or replica"
+        )
     if options.at is not None and options.writer == "mariadb" and options.at.microsecond:
         raise InvalidArgument("MariaDB's binary log records whole seconds: give the time to the second")
     try:
@@ -221,13 +257,24 @@ def restore_application(
     if options.at is not None:
         records = logs_for(store, point, options.writer, options.at)
 
+    stack = contextlib.ExitStack()
+    guest = stack.enter_context(guest_writer(options)) if options.vm else None  # no agent: refused before anything
+    with stack:
+        return _restore(repository, catalog, options, point, meta, store, records, guest, runner, say, started)
+
+
+def _restore(
+    repository, catalog, options, point, meta, store, records, guest, runner, say, started
+) -> AppRestoreResult:
+    writer_class = RESTORE_WRITERS[options.writer]
     recorder = EventRecorder(catalog, repository.id, point.id, point.name)
 
     def event(component: str, phase: str, outcome: str, message: str = "") -> None:
         recorder(component, phase, outcome, message)
         say(f"{component} {phase}: {outcome} {message}".rstrip())
 
-    what = f"restore of {options.writer} from {point.id} to {options.target}"
+    where = options.target or "its place at the backup"
+    what = f"restore of {options.writer} from {point.id} to " + (f"VM {options.vm}: {where}" if options.vm else where)
     if options.at is not None:
         what += f" as of {_fmt(options.at)} ({len(records)} log file(s) to replay)"
     event("restore-app", "start", "ok", what)
@@ -241,7 +288,7 @@ def restore_application(
         request = RestoreRequest(
             point_id=point.id,
             roots=[],
-            target=os.path.abspath(options.target),
+            target=guest_target(options, meta) if options.vm else os.path.abspath(options.target),
             metadata=meta,
             at=options.at,
             log_dir=log_dir,
@@ -254,10 +301,14 @@ def restore_application(
             replica_of=options.replica_of,
             overwrite=options.overwrite,
             timeout=options.timeout,
+            service=options.service,
         )
         with mounted_point(repository, point, say) as roots:
             request.roots = roots
-            report = run_restore(writer_class(runner or HostRunner()), request, event)
+            if guest is not None:
+                report = run_restore(guest, request, event)
+            else:
+                report = run_restore(writer_class(runner or HostRunner()), request, event)
     except BaseException as exc:
         event("restore-app", "finish", "failed", str(exc) or type(exc).__name__)
         raise

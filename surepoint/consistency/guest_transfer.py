@@ -1,0 +1,247 @@
+"""Put files from this host into a running guest: a restore inside a VM.
+
+The files (a data directory, database files, logs to replay) are packed on the host into one tar
+archive (holes kept, numeric owners: they are the guest's own users, read from its own disk) and
+unpacked in the guest by the guest's tar. Two ways in:
+
+* **channel** (the default): a virtio-serial port is hot-plugged for the time of the copy
+  (`chardev-add` of a private unix socket, `device_add virtserialport` on the guest's
+  virtio-serial bus, which every VM with a guest agent has), the guest reads
+  `/dev/virtio-ports/<name>` with `head -c SIZE | tar -x`, and the host writes the archive into the
+  socket. The host keeps its end open until the guest's tar has ended: QEMU drops what is still
+  queued when the host side closes, so the size, not the end of the stream, ends the guest's read.
+  Measured under TCG on 2 shared cores: about 20 MiB/s (the agent path below: about 4 MiB/s).
+* **agent**: when the VM cannot take the port (no virtio-serial bus, QMP refused), the archive is
+  written through `guest-file-write` to a temporary file beside the target, then unpacked there.
+
+Nothing from the host is pasted into a guest shell: paths and sizes reach the fixed scripts as
+arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from surepoint.consistency.runner import CommandFailed, one_line
+from surepoint.text import printable
+from surepoint.vm.errors import GuestAgentError, VmError
+from surepoint.vm.guest_agent import GuestAgent
+
+PORT_PREFIX = "org.surepoint.restore."
+SEND_CHUNK = 1 << 20
+PORT_WAIT = 30.0  # seconds for the guest's udev to show the new port
+# $1 = size, $2 = port device, $3 = directory to unpack into
+UNPACK_FROM_PORT = 'head -c "$1" "$2" | tar -x -p --numeric-owner -f - -C "$3"'
+UNPACK_FROM_FILE = 'tar -x -p --numeric-owner -f "$1" -C "$2"; status=$?; rm -f -- "$1"; exit $status'
+
+
+@dataclass
+class Transfer:
+    bytes: int
+    seconds: float
+    transport: str  # channel | agent
+
+    def describe(self) -> str:
+        rate = self.bytes / max(self.seconds, 1e-6) / 2**20
+        return f"{self.bytes / 2**20:.1f} MiB through the {self.transport} in {self.seconds:.1f} s ({rate:.1f} MiB/s)"
+
+
+def pack(source_dir: str, names: list[str], archive: str, timeout: float) -> int:
+    """A tar archive of `names` (relative to source_dir; ["."] for all of it); its size."""
+    argv = ["tar", "--sparse", "--numeric-owner", "-C", source_dir, "-cf", archive, "--", *names]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise CommandFailed(f"cannot read {source_dir} in the restore point: {one_line(proc.stderr)}")
+    return os.path.getsize(archive)
+
+
+class GuestTransfer:
+    """Copies files into one guest: `send(source_dir, names, guest_dir)`.
+
+    `open_qmp` gives a QMP connection to the VM (None: only the agent path), `runner` is the
+    GuestRunner whose agent runs the guest side.
+    """
+
+    def __init__(self, runner, open_qmp: Callable[[], object] | None, timeout: float = 1800.0) -> None:
+        self.runner = runner
+        self.open_qmp = open_qmp
+        self.timeout = timeout
+        self.transfers: list[Transfer] = []
+
+    @property
+    def agent(self) -> GuestAgent:
+        return self.runner.agent
+
+    def send(self, source_dir: str, names: list[str], guest_dir: str) -> Transfer:
+        work = tempfile.mkdtemp(prefix="surepoint-transfer-")
+        try:
+            os.chmod(work, 0o700)
+            archive = os.path.join(work, "data.tar")
+            size = pack(source_dir, names, archive, self.timeout)
+            started = time.monotonic()
+            transport = "channel"
+            try:
+                self._send_channel(archive, size, guest_dir, work)
+            except _NoChannel:
+                transport = "agent"
+                self._send_agent(archive, guest_dir)
+            result = Transfer(size, time.monotonic() - started, transport)
+            self.transfers.append(result)
+            return result
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # the hot-plugged virtio-serial port ------------------------------------------------------
+
+    def _send_channel(self, archive: str, size: int, guest_dir: str, work: str) -> None:
+        if self.open_qmp is None:
+            raise _NoChannel()
+        tag = secrets.token_hex(4)
+        chardev, device, name = f"sprestore{tag}", f"sprestore{tag}-port", PORT_PREFIX + tag
+        path = os.path.join(work, "port.sock")
+        try:
+            qmp = self.open_qmp()
+        except (VmError, OSError):
+            raise _NoChannel() from None
+        with qmp:
+            try:
+                qmp.execute_args(
+                    "chardev-add",
+                    {
+                        "id": chardev,
+                        "backend": {
+                            "type": "socket",
+                            "data": {
+                                "addr": {"type": "unix", "data": {"path": path}},
+                                "server": True,
+                                "wait": False,
+                            },
+                        },
+                    },
+                )
+            except VmError:
+                raise _NoChannel() from None
+            try:
+                try:
+                    qmp.execute_args("device_add", {"driver": "virtserialport", "chardev": chardev, "name": name,
+                                                    "id": device})  # fmt: skip
+                except VmError:
+                    raise _NoChannel() from None
+                try:
+                    self._stream(path, name, archive, size, guest_dir)
+                finally:
+                    with contextlib.suppress(VmError):
+                        qmp.execute_args("device_del", {"id": device})
+                    _wait_gone(qmp, device)
+            finally:
+                for _ in range(20):
+                    try:
+                        qmp.execute_args("chardev-remove", {"id": chardev})
+                        break
+                    except VmError:
+                        time.sleep(0.25)  # still in use by the port being unplugged
+
+    def _stream(self, path: str, name: str, archive: str, size: int, guest_dir: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            port = f"/dev/virtio-ports/{name}"
+            deadline = time.monotonic() + PORT_WAIT
+            while not self.runner.exists(port):
+                if time.monotonic() > deadline:
+                    raise CommandFailed(f"the guest did not show the hot-plugged port {port} within {PORT_WAIT:.0f} s")
+                time.sleep(0.2)
+            with self.runner.lock:
+                pid = self.agent.exec_start(["/bin/sh", "-c", UNPACK_FROM_PORT, "sh", str(size), port, guest_dir])
+            deadline = time.monotonic() + self.timeout
+            sock.settimeout(5.0)
+            with open(archive, "rb") as f:
+                while block := f.read(SEND_CHUNK):
+                    view = memoryview(block)
+                    while view:
+                        try:
+                            sent = sock.send(view)
+                        except TimeoutError:
+                            self._check_running(pid, deadline)  # the guest stopped reading: why?
+                            continue
+                        view = view[sent:]
+            self._wait(pid, deadline)
+        except OSError as exc:
+            raise CommandFailed(f"copy into the guest through its port: {exc}") from None
+        finally:
+            sock.close()
+
+    def _check_running(self, pid: int, deadline: float) -> None:
+        with self.runner.lock:
+            status = self.agent.exec_status(pid)
+        if status.get("exited"):
+            raise CommandFailed(f"unpacking in the guest failed: {_said(status)}")
+        if time.monotonic() > deadline:
+            raise CommandFailed(f"the copy into the guest did not end within {self.timeout:.0f} s")
+
+    def _wait(self, pid: int, deadline: float) -> None:
+        while True:
+            with self.runner.lock:
+                status = self.agent.exec_status(pid)
+            if status.get("exited"):
+                if status.get("exitcode") != 0 or status.get("signal") is not None:
+                    raise CommandFailed(f"unpacking in the guest failed: {_said(status)}")
+                return
+            if time.monotonic() > deadline:
+                raise CommandFailed(f"unpacking in the guest did not end within {self.timeout:.0f} s")
+            time.sleep(0.1)
+
+    # the agent's file calls ----------------------------------------------------------------------
+
+    def _send_agent(self, archive: str, guest_dir: str) -> None:
+        staged = os.path.join(guest_dir, f".surepoint-restore-{secrets.token_hex(4)}.tar")
+        try:
+            with self.runner.lock:
+                handle = self.agent.file_open(staged, "wb")
+                try:
+                    with open(archive, "rb") as f:
+                        while block := f.read(4 << 20):
+                            view = memoryview(block)
+                            while view:
+                                written = self.agent.file_write(handle, bytes(view))
+                                if written <= 0:
+                                    raise CommandFailed(f"writing {staged} in the guest wrote nothing (disk full?)")
+                                view = view[written:]
+                finally:
+                    self.agent.file_close(handle)
+        except GuestAgentError as exc:
+            self.runner.run(["rm", "-f", "--", staged], timeout=60)
+            raise CommandFailed(f"copy into the guest through its agent: {exc}") from None
+        self.runner.run(["/bin/sh", "-c", UNPACK_FROM_FILE, "sh", staged, guest_dir], timeout=self.timeout).check()
+
+
+class _NoChannel(Exception):
+    """The VM cannot take a hot-plugged port: use the agent."""
+
+
+def _said(status: dict) -> str:
+    import base64
+
+    err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+    code = status.get("exitcode")
+    return printable(one_line(err)[-300:]) or f"exit status {code}"
+
+
+def _wait_gone(qmp, device: str, timeout: float = 10.0) -> None:
+    """Until QEMU has removed the port (virtio-serial ports unplug without the guest's consent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            qmp.execute_args("qom-get", {"path": f"/machine/peripheral/{device}", "property": "type"})
+        except VmError:
+            return
+        time.sleep(0.1)

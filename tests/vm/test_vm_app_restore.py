@@ -1,0 +1,190 @@
+"""`restore-app ... --vm NAME`: PostgreSQL and MariaDB restored inside the running test guest.
+
+One VM backup with both writers; rows are added after it; each application is restored in place
+through the guest agent (service stopped, data directory copied in through a hot-plugged port,
+stale pid files removed, service started, checked): the later rows are gone, the earlier ones are
+there, the service answers, and the phases are events of the restore point in order.
+Then the refusals: a VM without a guest agent, a time before the first restore point, a
+PostgreSQL major version the guest does not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from surepoint.consistency.guest_runner import GuestRunner
+from surepoint.consistency.restore import RestoreRequest
+from surepoint.consistency.restore_guest import GuestPostgresRestore
+from surepoint.consistency.runner import CommandFailed
+from tests.conftest import Cli
+from tests.consistency.helpers import events
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.usefixtures("no_surepoint_bitmaps")]
+
+PG_SERVICE = "postgresql@15-main"
+PG_DATA = "/var/lib/postgresql/15/main"
+MARIA_DATA = "/var/lib/mysql"
+DB = "sprestore"
+BEFORE, AFTER = 120, 45
+
+
+def psql(test_vm, sql: str, db: str = DB) -> str:
+    argv = ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", db]
+    return test_vm.run([*argv, "-c", sql], timeout=120).decode().strip()
+
+
+def maria(test_vm, sql: str) -> str:
+    return test_vm.run(["mariadb", "--batch", "--skip-column-names", "-e", sql], timeout=120).decode().strip()
+
+
+def write_job(path: Path, vm: str) -> Path:
+    path.write_text(
+        f'vm = "{vm}"\nfallback = "require"\nlogs = "keep"\nfreeze_timeout = 30\n\n'
+        '[[writers]]\ntype = "postgresql"\nos_user = "postgres"\nhost = "/var/run/postgresql"\n\n'
+        '[[writers]]\ntype = "mariadb"\nsocket = "/run/mysqld/mysqld.sock"\nuser = "root"\n'
+    )
+    return path
+
+
+def active(test_vm, unit: str) -> bool:
+    with test_vm.agent() as ga:
+        return ga.exec(["systemctl", "is-active", "--quiet", unit]).ok
+
+
+@pytest.fixture(scope="module")
+def restore_cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    cli = Cli(tmp_path_factory.mktemp("app-restore"))
+    cli.run("init", "--encryption", "none", check=True)
+    return cli
+
+
+@pytest.fixture(scope="module")
+def point(test_vm, restore_cli: Cli, tmp_path_factory) -> Iterator[str]:
+    """A VM restore point holding BEFORE rows in PostgreSQL and in MariaDB; AFTER more rows added after it."""
+    was = {unit: active(test_vm, unit) for unit in (PG_SERVICE, "mariadb")}
+    test_vm.run(["systemctl", "start", PG_SERVICE, "mariadb"], timeout=180)
+    psql(test_vm, f"DROP DATABASE IF EXISTS {DB}", db="postgres")
+    psql(test_vm, f"CREATE DATABASE {DB}", db="postgres")
+    psql(
+        test_vm,
+        f"CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'a' FROM generate_series(1, {BEFORE}) g",
+    )
+    maria(test_vm, f"DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB}")
+    maria(test_vm, f"CREATE TABLE {DB}.t (id int PRIMARY KEY, v text) ENGINE=InnoDB")
+    maria(test_vm, f"INSERT INTO {DB}.t SELECT seq, 'a' FROM {DB}.seq_1_to_{BEFORE}")
+    job = write_job(tmp_path_factory.mktemp("app-restore-job") / "job.toml", test_vm.name)
+    backup = restore_cli.run("backup", "--job", str(job), "--json", check=True, timeout=900).json()
+    psql(test_vm, f"INSERT INTO t SELECT g, 'b' FROM generate_series({BEFORE + 1}, {BEFORE + AFTER}) g")
+    maria(test_vm, f"INSERT INTO {DB}.t SELECT seq, 'b' FROM {DB}.seq_{BEFORE + 1}_to_{BEFORE + AFTER}")
+    try:
+        yield backup["id"]
+    finally:
+        with contextlib.suppress(Exception):  # the old data directories the restores moved aside
+            test_vm.run(["sh", "-c", f"rm -rf {PG_DATA}.before-restore-* {MARIA_DATA}.before-restore-*"], timeout=120)
+        with contextlib.suppress(Exception):
+            psql(test_vm, f"DROP DATABASE IF EXISTS {DB}", db="postgres")
+            maria(test_vm, f"DROP DATABASE IF EXISTS {DB}")
+        for unit, running in was.items():
+            if not running:
+                with contextlib.suppress(Exception):
+                    test_vm.run(["systemctl", "stop", unit], timeout=180)
+
+
+def phases(cli: Cli, point: str, writer: str) -> list[tuple[str, str, str]]:
+    evs = sorted(events(cli, point), key=lambda e: (e["time"], e.get("id", 0)))
+    return [(e["component"], e["phase"], e["outcome"]) for e in evs if e["component"] in ("restore-app", writer)
+            and e["phase"] in ("start", "pre-restore", "restore", "post-restore", "finish")]  # fmt: skip
+
+
+def test_postgresql_restored_inside_the_vm(test_vm, restore_cli: Cli, point: str) -> None:
+    assert psql(test_vm, "SELECT count(*) FROM t") == str(BEFORE + AFTER)
+    started = time.monotonic()
+    result = restore_cli.run(
+        "restore-app", "postgresql", point, "--vm", test_vm.name, "--overwrite", "--json", timeout=900
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    report = result.json()
+    print(f"\nPostgreSQL restored in the guest in {took:.1f} s: {report['phases']}")
+    assert report["target"] == PG_DATA
+    assert report["details"]["transfer"][0]["transport"] == "channel"
+    # the rows added after the backup are gone, the ones before are all there, the service answers
+    assert psql(test_vm, "SELECT count(*), min(id), max(id) FROM t") == f"{BEFORE}|1|{BEFORE}"
+    assert active(test_vm, PG_SERVICE)
+    assert report["details"]["timeline"] > 1  # authoritative: a new timeline
+    assert phases(restore_cli, point, "postgresql")[-5:] == [
+        ("restore-app", "start", "ok"),
+        ("postgresql", "pre-restore", "ok"),
+        ("postgresql", "restore", "ok"),
+        ("postgresql", "post-restore", "ok"),
+        ("restore-app", "finish", "ok"),
+    ]
+    # the old data directory was kept aside, never deleted
+    aside = test_vm.run(["sh", "-c", f"ls -d {PG_DATA}.before-restore-*"]).decode().split()
+    assert len(aside) == 1
+    # the hot-plugged port is gone again
+    with test_vm.qmp() as qmp:
+        ports = [d for d in qmp.execute("qom-list", path="/machine/peripheral") if d["name"].startswith("sprestore")]
+    assert ports == []
+
+
+def test_mariadb_restored_inside_the_vm(test_vm, restore_cli: Cli, point: str) -> None:
+    assert maria(test_vm, f"SELECT count(*) FROM {DB}.t") == str(BEFORE + AFTER)
+    started = time.monotonic()
+    result = restore_cli.run("restore-app", "mariadb", point, "--vm", test_vm.name, "--overwrite", timeout=900)
+    assert result.returncode == 0, result.stderr
+    print(f"\nMariaDB restored in the guest in {time.monotonic() - started:.1f} s")
+    assert maria(test_vm, f"SELECT count(*), min(id), max(id) FROM {DB}.t") == f"{BEFORE}\t1\t{BEFORE}"
+    assert active(test_vm, "mariadb")
+    assert [p[1] for p in phases(restore_cli, point, "mariadb")[-5:]] == [
+        "start", "pre-restore", "restore", "post-restore", "finish"
+    ]  # fmt: skip
+
+
+def test_refusals(test_vm, restore_cli: Cli, point: str, tmp_path: Path) -> None:
+    # a target with data and no --overwrite: nothing stopped, nothing touched
+    result = restore_cli.run("restore-app", "mariadb", point, "--vm", test_vm.name)
+    assert result.returncode == 2 and "--overwrite" in result.stderr, result.stderr
+    assert active(test_vm, "mariadb")
+    # a time before the first restore point
+    result = restore_cli.run(
+        "restore-app", "postgresql", test_vm.name, "--vm", test_vm.name, "--at", "2001-01-01 00:00:00"
+    )
+    assert result.returncode == 2 and "before the first restore point" in result.stderr, result.stderr
+    # a VM without a guest agent (a QEMU with a monitor and nothing else)
+    qmp_path = tmp_path / "qmp.sock"
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-name", f"sp-noagent-{os.getpid()}", "-machine", "none", "-nodefaults",
+         "-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not qmp_path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        result = restore_cli.run("restore-app", "postgresql", point, "--vm", f"sp-noagent-{os.getpid()}", "--overwrite")
+        assert result.returncode == 2 and "guest-agent" in result.stderr, result.stderr
+    finally:
+        qemu.kill()
+        qemu.wait(10)
+    result = restore_cli.run("restore-app", "postgresql", point, "--vm", "no-such-vm", "--overwrite")
+    assert result.returncode != 0 and "no VM named" in result.stderr, result.stderr
+    # a PostgreSQL major version the guest does not have: refused before anything is stopped
+    fake = tmp_path / "point" / "var/lib/postgresql/13/main"
+    fake.mkdir(parents=True)
+    (fake / "PG_VERSION").write_text("13\n")
+    with test_vm.agent() as ga:
+        writer = GuestPostgresRestore(GuestRunner(ga, test_vm.name), transfer=None)
+        metadata = {"data_directory": "/var/lib/postgresql/13/main"}
+        request = RestoreRequest("x", [str(tmp_path / "point")], PG_DATA, metadata)
+        with pytest.raises(CommandFailed, match="PostgreSQL 13 cluster and the guest has no PostgreSQL 13"):
+            writer.pre_restore(request)
+    assert active(test_vm, PG_SERVICE)
