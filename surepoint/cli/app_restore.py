@@ -151,12 +151,16 @@ def register(app: typer.Typer) -> None:
         job: Annotated[
             str, typer.Option("--job", help="The job file of the database (its writers say where logs are).")
         ],
+        inventory: Annotated[
+            str | None, typer.Option(envvar="SUREPOINT_VM_INVENTORY", help="VM inventory file (a VM job).")
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Store closed PostgreSQL WAL and MariaDB binary logs in the repository, then remove them on the server.
 
         Run it every few minutes between image backups (cron, a timer): `restore-app --at` replays
-        what it shipped.
+        what it shipped. For a VM job (vm = NAME) the logs are read inside the VM through its guest
+        agent and removed there once stored.
         """
         from surepoint.jobs.job_file import load_job
         from surepoint.jobs.log_shipping import ship_logs
@@ -164,7 +168,7 @@ def register(app: typer.Typer) -> None:
         c: Context = ctx.obj
         repo = c.open_repository()
         say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
-        reports = ship_logs(repo, c.catalog(), load_job(job), say=say)
+        reports = ship_logs(repo, c.catalog(), load_job(job), inventory=inventory, say=say)
         if as_json:
             print_json([r.to_json() for r in reports])
             return

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from surepoint.consistency.runner import CommandFailed, one_line
@@ -76,6 +76,7 @@ class GuestTransfer:
         self.open_qmp = open_qmp
         self.timeout = timeout
         self.transfers: list[Transfer] = []
+        self._ended: set[int] = set()  # guest pids whose good exit was seen already
 
     @property
     def agent(self) -> GuestAgent:
@@ -103,6 +104,75 @@ class GuestTransfer:
     # the hot-plugged virtio-serial port ------------------------------------------------------
 
     def _send_channel(self, archive: str, size: int, guest_dir: str, work: str) -> None:
+        with self._port(work) as (sock, port):
+            try:
+                with self.runner.lock:
+                    pid = self.agent.exec_start(["/bin/sh", "-c", UNPACK_FROM_PORT, "sh", str(size), port, guest_dir])
+                deadline = time.monotonic() + self.timeout
+                with open(archive, "rb") as f:
+                    while block := f.read(SEND_CHUNK):
+                        view = memoryview(block)
+                        while view:
+                            try:
+                                sent = sock.send(view)
+                            except TimeoutError:
+                                if self._check_running(pid, deadline):  # the guest stopped reading: why?
+                                    raise CommandFailed("unpacking in the guest ended before the archive did") from None
+                                continue
+                            view = view[sent:]
+                self._wait(pid, deadline)
+            except OSError as exc:
+                raise CommandFailed(f"copy into the guest through its port: {exc}") from None
+
+    def receive(self, files: list[tuple[str, int]]) -> Iterator[tuple[str, bytes]]:
+        """(path, contents) of each guest file of the given size, one after the other, through one port
+        (through the agent's guest-file-read when the VM cannot take a port). The files must not change."""
+        work = tempfile.mkdtemp(prefix="surepoint-transfer-")
+        try:
+            os.chmod(work, 0o700)
+            try:
+                with self._port(work) as (sock, port):
+                    for path, size in files:
+                        yield path, self._receive_one(sock, port, path, size)
+                return
+            except _NoChannel:
+                pass
+            for path, _size in files:
+                try:
+                    with self.runner.lock:
+                        yield path, self.agent.read_file(path)
+                except GuestAgentError as exc:
+                    raise CommandFailed(f"cannot read {path} in the guest: {exc}") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _receive_one(self, sock: socket.socket, port: str, path: str, size: int) -> bytes:
+        with self.runner.lock:
+            pid = self.agent.exec_start(["/bin/sh", "-c", 'cat -- "$1" > "$2"', "sh", path, port])
+        deadline = time.monotonic() + self.timeout
+        parts, got, quiet_after_exit = [], 0, 0
+        try:
+            while got < size:
+                try:
+                    data = sock.recv(min(SEND_CHUNK, size - got))
+                except TimeoutError:
+                    if self._check_running(pid, deadline):
+                        quiet_after_exit += 1  # cat is done: what it wrote may still be on its way, a while
+                        if quiet_after_exit > 2:
+                            raise CommandFailed(f"reading {path} from the guest: {got} of {size} bytes came") from None
+                    continue
+                if not data:
+                    raise CommandFailed(f"reading {path} from the guest: the port closed after {got} bytes")
+                parts.append(data)
+                got += len(data)
+        except OSError as exc:
+            raise CommandFailed(f"reading {path} from the guest through its port: {exc}") from None
+        self._wait(pid, deadline)
+        return b"".join(parts)
+
+    @contextlib.contextmanager
+    def _port(self, work: str) -> Iterator[tuple[socket.socket, str]]:
+        """A virtio-serial port hot-plugged into the guest for the block: (connected socket, guest device)."""
         if self.open_qmp is None:
             raise _NoChannel()
         tag = secrets.token_hex(4)
@@ -113,21 +183,10 @@ class GuestTransfer:
         except (VmError, OSError):
             raise _NoChannel() from None
         with qmp:
+            backend = {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": path}}, "server": True,
+                                                  "wait": False}}  # fmt: skip
             try:
-                qmp.execute_args(
-                    "chardev-add",
-                    {
-                        "id": chardev,
-                        "backend": {
-                            "type": "socket",
-                            "data": {
-                                "addr": {"type": "unix", "data": {"path": path}},
-                                "server": True,
-                                "wait": False,
-                            },
-                        },
-                    },
-                )
+                qmp.execute_args("chardev-add", {"id": chardev, "backend": backend})
             except VmError:
                 raise _NoChannel() from None
             try:
@@ -136,9 +195,23 @@ class GuestTransfer:
                                                     "id": device})  # fmt: skip
                 except VmError:
                     raise _NoChannel() from None
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
-                    self._stream(path, name, archive, size, guest_dir)
+                    sock.connect(path)
+                    sock.settimeout(5.0)
+                    port = f"/dev/virtio-ports/{name}"
+                    deadline = time.monotonic() + PORT_WAIT
+                    while not self.runner.exists(port):
+                        if time.monotonic() > deadline:
+                            raise CommandFailed(
+                                f"the guest did not show the hot-plugged port {port} within {PORT_WAIT:.0f} s"
+                            )
+                        time.sleep(0.2)
+                    yield sock, port
+                except OSError as exc:
+                    raise CommandFailed(f"the port hot-plugged into the guest: {exc}") from None
                 finally:
+                    sock.close()
                     with contextlib.suppress(VmError):
                         qmp.execute_args("device_del", {"id": device})
                     _wait_gone(qmp, device)
@@ -150,54 +223,32 @@ class GuestTransfer:
                     except VmError:
                         time.sleep(0.25)  # still in use by the port being unplugged
 
-    def _stream(self, path: str, name: str, archive: str, size: int, guest_dir: str) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-            port = f"/dev/virtio-ports/{name}"
-            deadline = time.monotonic() + PORT_WAIT
-            while not self.runner.exists(port):
-                if time.monotonic() > deadline:
-                    raise CommandFailed(f"the guest did not show the hot-plugged port {port} within {PORT_WAIT:.0f} s")
-                time.sleep(0.2)
-            with self.runner.lock:
-                pid = self.agent.exec_start(["/bin/sh", "-c", UNPACK_FROM_PORT, "sh", str(size), port, guest_dir])
-            deadline = time.monotonic() + self.timeout
-            sock.settimeout(5.0)
-            with open(archive, "rb") as f:
-                while block := f.read(SEND_CHUNK):
-                    view = memoryview(block)
-                    while view:
-                        try:
-                            sent = sock.send(view)
-                        except TimeoutError:
-                            self._check_running(pid, deadline)  # the guest stopped reading: why?
-                            continue
-                        view = view[sent:]
-            self._wait(pid, deadline)
-        except OSError as exc:
-            raise CommandFailed(f"copy into the guest through its port: {exc}") from None
-        finally:
-            sock.close()
-
-    def _check_running(self, pid: int, deadline: float) -> None:
+    def _check_running(self, pid: int, deadline: float) -> bool:
+        """While the guest side of a copy seems stuck: an error if it failed or took too long; True if it
+        ended well (a guest exec's exit is reported once: the caller must not ask again)."""
+        if time.monotonic() > deadline:
+            raise CommandFailed(f"the copy with the guest did not end within {self.timeout:.0f} s")
         with self.runner.lock:
             status = self.agent.exec_status(pid)
         if status.get("exited"):
-            raise CommandFailed(f"unpacking in the guest failed: {_said(status)}")
-        if time.monotonic() > deadline:
-            raise CommandFailed(f"the copy into the guest did not end within {self.timeout:.0f} s")
+            if status.get("exitcode") == 0 and status.get("signal") is None:
+                self._ended.add(pid)
+                return True
+            raise CommandFailed(f"the copy in the guest failed: {_said(status)}")
+        return False
 
     def _wait(self, pid: int, deadline: float) -> None:
+        if pid in self._ended:
+            return
         while True:
             with self.runner.lock:
                 status = self.agent.exec_status(pid)
             if status.get("exited"):
                 if status.get("exitcode") != 0 or status.get("signal") is not None:
-                    raise CommandFailed(f"unpacking in the guest failed: {_said(status)}")
+                    raise CommandFailed(f"the copy in the guest failed: {_said(status)}")
                 return
             if time.monotonic() > deadline:
-                raise CommandFailed(f"unpacking in the guest did not end within {self.timeout:.0f} s")
+                raise CommandFailed(f"the copy in the guest did not end within {self.timeout:.0f} s")
             time.sleep(0.1)
 
     # the agent's file calls ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -55,6 +56,11 @@ class WalArchive:
         for log in shipped:
             os.unlink(log.path)
         return [log.file for log in shipped]
+
+    def read(self, logs: list[ClosedLog]) -> Iterator[tuple[ClosedLog, bytes]]:
+        for log in logs:
+            with open(log.path, "rb") as f:
+                yield log, f.read()
 
 
 class BinaryLogs:
@@ -101,6 +107,11 @@ class BinaryLogs:
             if not wanted & after or time.monotonic() > deadline:
                 return sorted(before - after)
             time.sleep(0.2)
+
+    def read(self, logs: list[ClosedLog]) -> Iterator[tuple[ClosedLog, bytes]]:
+        for log in logs:
+            with open(log.path, "rb") as f:
+                yield log, f.read()
 
 
 LOG_SOURCES = {"postgresql": WalArchive, "mariadb": BinaryLogs}

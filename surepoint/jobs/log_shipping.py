@@ -8,6 +8,7 @@ a `backup` lock, so garbage collection keeps the chunks it is writing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,14 +81,38 @@ def ship_logs(
     job: JobConfig,
     *,
     runner: CommandRunner | None = None,
+    inventory: str | None = None,
     say: Callable[[str], None] = lambda m: None,
 ) -> list[ShipReport]:
-    runner = runner or HostRunner()
+    """Ship the closed logs of the job's writers (on this host, or inside the job's VM)."""
     configs = [w for w in job.writers if w["type"] in LOG_SOURCES]
     if not configs:
         raise ConfigError(f"{job.path}: no postgresql or mariadb writer: no logs to ship")
-    if job.vm:
-        raise ConfigError(f"{job.path}: log shipping runs on the database host; a VM job's logs are not shipped yet")
+    with contextlib.ExitStack() as stack:
+        if job.vm:
+            sources = guest_sources(stack, job, inventory)
+        else:
+            host = runner or HostRunner()
+            sources = {w: (lambda config, w=w: LOG_SOURCES[w](host, config)) for w in LOG_SOURCES}
+        return _ship(repository, catalog, job, configs, sources, say)
+
+
+def guest_sources(stack: contextlib.ExitStack, job: JobConfig, inventory: str | None) -> dict:
+    """Log sources inside the job's VM, through its guest agent (and a port hot-plugged for the copy)."""
+    from surepoint.consistency.guest_log_sources import GUEST_LOG_SOURCES
+    from surepoint.consistency.guest_runner import GuestRunner
+    from surepoint.consistency.guest_transfer import GuestTransfer
+    from surepoint.vm.inventory import find_vm, guest_agent_for
+    from surepoint.vm.libvirt_domain import open_qmp
+
+    vm = find_vm(job.vm or "", inventory)
+    agent = stack.enter_context(guest_agent_for(vm.name, inventory))
+    runner = GuestRunner(agent, vm.name)
+    transfer = GuestTransfer(runner, lambda: open_qmp(vm))
+    return {w: (lambda config, w=w: GUEST_LOG_SOURCES[w](runner, config, transfer)) for w in GUEST_LOG_SOURCES}
+
+
+def _ship(repository, catalog, job, configs, sources, say) -> list[ShipReport]:
     store = LogStore(repository)
     reports = []
 
@@ -102,14 +127,15 @@ def ship_logs(
             writer = config["type"]
             report = ShipReport(writer)
             try:
-                source = LOG_SOURCES[writer](runner, {k: v for k, v in config.items() if k != "type"})
+                source = sources[writer]({k: v for k, v in config.items() if k != "type"})
                 closed = source.closed_logs()
+                new = []
                 for log in closed:
                     if store.has(job.name, writer, log.file):
                         report.already.append(log.file)
-                        continue
-                    with open(log.path, "rb") as f:
-                        data = f.read()
+                    else:
+                        new.append(log)
+                for log, data in source.read(new):
                     store.put(job.name, writer, log.file, data, log.covers_until)
                     report.shipped.append(log.file)
                 report.removed_on_server = source.remove_shipped(closed)
