@@ -8,27 +8,28 @@ every disk; the next backup reads only what that bitmap marks, and falls back to
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from surepoint.catalog import Catalog
-from surepoint.consistency.guest_fsfreeze import GuestFsFreezeWriter
-from surepoint.consistency.guest_runner import SESSION_LEASE, GuestRunner
 from surepoint.consistency.logs import handle_logs
-from surepoint.consistency.quiesce import ConsistencyRequired, QuiesceOutcome, Quiescer
-from surepoint.consistency.registry import build_writers
-from surepoint.consistency.writer import Writer
+from surepoint.consistency.quiesce import QuiesceOutcome
 from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.fsmap.source import free_space_summary, skip_free_space
+from surepoint.jobs.vm_capture import (
+    CaptureOptions,
+    VmCapture,
+    clean_dead_views,
+    disk_name,
+    remove_stale_bitmaps,
+    usable_bitmap,
+)
 from surepoint.repo.backup import BackupRequest, run_backup
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
-from surepoint.vm.errors import GuestAgentError, QmpError, VmError
-from surepoint.vm.fleece import PointInTimeView, remove_dead_views
-from surepoint.vm.guest_agent import GuestAgent
+from surepoint.vm.errors import QmpError
 from surepoint.vm.inventory import VmInfo
-from surepoint.vm.libvirt_domain import domain_metadata, open_guest_agent, open_qmp
+from surepoint.vm.libvirt_domain import domain_metadata, open_qmp
 from surepoint.vm.qmp import BlockDevice, QmpConnection
 
 BITMAP_PREFIX = "surepoint-"
@@ -54,14 +55,6 @@ class VmJobResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _bitmaps(qmp: QmpConnection, node: str) -> dict[str, dict]:
-    for entry in qmp.query_named_block_nodes():
-        if entry.get("node-name") == node:
-            # a running backup job's copy-before-write bitmap has no name
-            return {b["name"]: b for b in entry.get("dirty-bitmaps", []) if b.get("name")}
-    return {}
-
-
 def _usable_base_bitmap(
     qmp: QmpConnection, devices: list[BlockDevice], base: RestorePoint | None, notes: list[str]
 ) -> str | None:
@@ -73,38 +66,15 @@ def _usable_base_bitmap(
         notes.append(f"restore point {base.id} left no dirty bitmap: reading every disk in full")
         return None
     base_disks = [(d.name, d.size) for d in base.disks]
-    if base_disks != [(d.device or d.node_name, d.size) for d in devices]:
+    if base_disks != [(disk_name(d), d.size) for d in devices]:
         notes.append("the VM's disks changed since the last backup: reading every disk in full")
         return None
-    for dev in devices:
-        bitmap = _bitmaps(qmp, dev.node_name).get(name)
-        if bitmap is None:
-            notes.append(
-                f"dirty bitmap {name} is missing on {dev.device or dev.node_name} (VM restarted "
-                "without it, or it was deleted): reading every disk in full"
-            )
-            return None
-        if bitmap.get("inconsistent") or bitmap.get("busy"):
-            notes.append(
-                f"dirty bitmap {name} on {dev.device or dev.node_name} is not trustworthy "
-                "(inconsistent or busy): reading every disk in full"
-            )
-            return None
-    return name
+    return name if usable_bitmap(qmp, devices, name, notes, "reading every disk in full") else None
 
 
 def bitmap_prefix(repository: Repository) -> str:
     """Bitmaps are named per repository, so two repositories backing up one VM keep their own."""
     return f"{BITMAP_PREFIX}{repository.id[:12]}-"
-
-
-def _remove_stale_bitmaps(qmp: QmpConnection, devices: list[BlockDevice], prefix: str, keep: set[str]) -> None:
-    """This repository's bitmaps left by failed or forgotten jobs only cost the VM write tracking: drop them."""
-    for dev in devices:
-        for name in _bitmaps(qmp, dev.node_name):
-            if name.startswith(prefix) and name not in keep:
-                with contextlib.suppress(QmpError):
-                    qmp.execute("block-dirty-bitmap-remove", node=dev.node_name, name=name)
 
 
 def backup_vm(
@@ -127,18 +97,14 @@ def backup_vm(
     )
 
     event(Component.JOB, Phase.START, Outcome.OK, f"backup of VM {vm.name}")
-    agent: GuestAgent | None = None
+    capture = VmCapture(
+        vm,
+        CaptureOptions(options.fallback, options.quiesce, options.freeze_timeout, options.writers),
+        event,
+    )
     try:
         with open_qmp(vm) as qmp:  # a libvirt domain: QMP through libvirtd
-            # first: a dead job's backup filter would show as the top node of every disk
-            leftovers = remove_dead_views(qmp)
-            if leftovers:
-                event(
-                    Component.JOB,
-                    Phase.CLEANUP,
-                    Outcome.WARNING,
-                    "removed a dead job's point-in-time view: " + ", ".join(leftovers),
-                )
+            clean_dead_views(qmp, event)
             devices = qmp.block_devices()
             if not devices:
                 raise QmpError(f"VM {vm.name} has no disks")
@@ -147,68 +113,14 @@ def backup_vm(
             for note in notes:
                 event(Component.CBT, Phase.PLAN, Outcome.WARNING, note)
             new_bitmap = bitmap_prefix(repository) + rp_id
-            _remove_stale_bitmaps(qmp, devices, bitmap_prefix(repository), {base_bitmap} if base_bitmap else set())
+            remove_stale_bitmaps(qmp, devices, bitmap_prefix(repository), {base_bitmap} if base_bitmap else set())
 
-            writers: list[Writer] = []
-            app_writers: list[Writer] = []
-            not_quiesced = ""
-            if options.quiesce:
-                why = "the VM has no guest-agent channel"
-                if vm.guest_agent:
-                    try:
-                        agent = open_guest_agent(vm, timeout=10)
-                    except GuestAgentError as exc:
-                        why = f"guest agent unavailable: {exc}"
-                        event("guest-fsfreeze", Phase.IDENTIFY, Outcome.FAILED, why)
-                if agent is not None:
-                    # a session may wait out the others' prepare and the freeze window before its next request
-                    lease = max(SESSION_LEASE, 4 * options.freeze_timeout)
-                    app_writers = build_writers(options.writers, GuestRunner(agent, vm.name, session_lease=lease))
-                    writers.extend(app_writers)
-                    writers.append(GuestFsFreezeWriter(agent, {"timeout": options.freeze_timeout}))
-                elif options.fallback == "require":
-                    raise ConsistencyRequired(
-                        f"VM {vm.name}: cannot freeze the guest's filesystems ({why}) and --fallback require "
-                        "forbids a crash-consistent backup"
-                    )
-                else:  # reported like a failed freeze: the job asked for a quiesced backup and got less
-                    not_quiesced = (
-                        f"guest-fsfreeze identify: guest filesystems not frozen ({why}): crash-consistent only"
-                    )
-            quiescer = Quiescer(writers, fallback=options.fallback, freeze_timeout=options.freeze_timeout, events=event)
-            quiescer.prepare()
-            view = PointInTimeView(
-                qmp,
-                [d.device or d.node_name for d in devices],
-                bitmap_name=base_bitmap,
-                new_bitmap=new_bitmap,
-                retire_base_bitmap=True,
-            )
-
-            def take() -> None:
-                # The quiescer only enforces "require" for application writers; the guest freeze is
-                # this job's whole consistency, so a failed freeze fails the job before any view exists.
-                unfrozen = [w for w in writers if isinstance(w, GuestFsFreezeWriter) and not w.frozen]
-                if options.fallback == "require" and unfrozen:
-                    reason = "; ".join(w.error or "the guest agent did not answer" for w in unfrozen)
-                    raise ConsistencyRequired(
-                        f"VM {vm.name}: could not freeze the guest's filesystems ({reason}) and --fallback require "
-                        "forbids a crash-consistent backup"
-                    )
-                view.start()
-
+            capture.open()
+            view = capture.take(qmp, devices, bitmap_name=base_bitmap, new_bitmap=new_bitmap, retire_base_bitmap=True)
+            outcome = capture.outcome
+            assert outcome is not None
             try:
-                _, outcome = quiescer.snapshot(take)
-                if not_quiesced:
-                    outcome.failures.insert(0, not_quiesced)
-                event(
-                    "job",
-                    "snapshot",
-                    "ok",
-                    f"point-in-time view of {len(devices)} disk(s), "
-                    f"{outcome.level}-consistent, frozen {outcome.freeze_seconds:.3f} s",
-                )
-                sources = [view.source(d.device or d.node_name) for d in devices]
+                sources = [view.source(disk_name(d)) for d in devices]
                 try:
                     free_space: dict[int, dict] = {}
                     if options.skip_free:
@@ -247,24 +159,20 @@ def backup_vm(
                     for source in sources:
                         source.close()
             except BaseException:
-                view.close(success=False)
-                quiescer.abort()
+                capture.abort()
                 raise
-            try:
-                view.close(success=True)
-            except VmError as exc:  # the restore point is committed; a leftover node is only untidy
-                event(Component.JOB, Phase.CLEANUP, Outcome.WARNING, str(exc))
+            capture.finish()
             event(
                 Component.JOB,
                 Phase.COMMIT,
                 Outcome.OK,
                 f"restore point {point.id} committed ({point.consistency}-consistent)",
             )
-            quiescer.complete(point.id)
-            if app_writers:
+            capture.complete(point.id)
+            if capture.app_writers:
                 handle_logs(
                     options.logs,
-                    list(zip(options.writers, app_writers, strict=True)),
+                    list(zip(options.writers, capture.app_writers, strict=True)),
                     outcome.writer_metadata,
                     catalog=catalog,
                     repository_id=repository.id,
@@ -276,8 +184,7 @@ def backup_vm(
         event(Component.JOB, Phase.FINISH, Outcome.FAILED, str(exc) or type(exc).__name__)
         raise
     finally:
-        if agent is not None:
-            agent.close()
+        capture.close()
     read = sum(d.read_bytes for d in point.disks)
     event(
         Component.JOB,

@@ -10,7 +10,7 @@
 
 The record (format 1)::
 
-    {"format": 1, "vm": NAME,
+    {"format": 1, "id": random hex, "vm": NAME,
      "source": {"argv": [...QEMU command line...], "libvirt_xml": str|null,
                 "disks": [{"device", "virtual_size", "filename"}]},
      "state": "ready" | "failed-over" | "permanent",
@@ -148,6 +148,7 @@ class ReplicaDir:
     def __init__(self, path: str, data: dict[str, Any]) -> None:
         self.path = os.path.abspath(path)
         self.vm: str = data["vm"]
+        self.id: str = str(data.get("id") or "")  # names the source's dirty bitmaps of this replica
         self.source = SourceConfig.from_json(data["source"])
         self.state: str = data.get("state", READY)
         self.points: list[ReplicaPoint] = [ReplicaPoint.from_json(p) for p in data.get("points", [])]
@@ -203,7 +204,15 @@ class ReplicaDir:
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
         os.makedirs(os.path.join(path, DISKS), mode=0o700, exist_ok=True)
-        replica = cls(path, {"vm": vm, "source": asdict(source), "state": READY, "points": [], "failover": None})
+        data = {
+            "id": secrets.token_hex(8),
+            "vm": vm,
+            "source": asdict(source),
+            "state": READY,
+            "points": [],
+            "failover": None,
+        }
+        replica = cls(path, data)
         replica.save()
         return replica
 
@@ -212,6 +221,7 @@ class ReplicaDir:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
+            "id": self.id,
             "vm": self.vm,
             "source": asdict(self.source),
             "state": self.state,
@@ -276,7 +286,7 @@ class ReplicaDir:
         fresh = ReplicaDir.open(self.path)
         if fresh.vm != self.vm:
             raise ReplicaOfAnotherVm(f"{self.path} is now a replica of VM {fresh.vm!r}")
-        self.source, self.state, self.points = fresh.source, fresh.state, fresh.points
+        self.id, self.source, self.state, self.points = fresh.id, fresh.source, fresh.state, fresh.points
         self.failover, self.extra = fresh.failover, fresh.extra
 
     # -- points -----------------------------------------------------------------------------
@@ -472,7 +482,7 @@ class ReplicaDir:
         return total
 
 
-_KNOWN_KEYS = {"format", "vm", "source", "state", "points", "failover"}
+_KNOWN_KEYS = {"format", "id", "vm", "source", "state", "points", "failover"}
 
 
 def _parse_time(text: str) -> datetime | None:

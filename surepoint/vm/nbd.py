@@ -65,7 +65,12 @@ REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 CMD_READ = 0
+CMD_WRITE = 1
 CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_WRITE_ZEROES = 6
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
 CMD_BLOCK_STATUS = 7
 REPLY_FLAG_DONE = 1 << 0
 REPLY_TYPE_NONE = 0
@@ -411,6 +416,58 @@ class NbdClient:
             raise failure
         if covered != length:
             raise NbdProtocolError(f"NBD read at {offset} returned {covered} of {length} bytes")
+
+    # -- writing (a writable export: the target of a replica) --------------------------------
+
+    def _simple_command(self, cmd: int, offset: int, length: int, what: str, payload: bytes = b"") -> None:
+        """Send one command (with its data) and wait for its reply, which carries no data."""
+        self._cookie += 1
+        header = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self._cookie, offset, length)
+        self._send(header + payload if len(payload) < 65536 else header)
+        if len(payload) >= 65536:
+            self._send(payload)
+        failure: NbdServerError | None = None
+        while True:
+            magic, flags, rtype, plen, error = self._reply_header(self._cookie)
+            if magic == SIMPLE_REPLY_MAGIC:
+                if error:
+                    raise NbdServerError(f"NBD {what} at {offset}: {ERRNO_NAMES.get(error, error)}", error)
+                return
+            payload_in = self._recv_exact(plen) if plen else b""
+            if rtype & REPLY_TYPE_ERROR_BIT:
+                failure = self._error_chunk(rtype, payload_in)
+            if flags & REPLY_FLAG_DONE:
+                break
+        if failure is not None:
+            raise failure
+
+    def _check_writable(self) -> None:
+        if self.export.read_only:
+            raise NbdError(f"NBD export {self.export.name!r} is read-only")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write bytes; larger than the server's max block size is split."""
+        self._check_writable()
+        self._check_range(offset, len(data))
+        step = max(self.export.min_block, min(self.export.max_block, DEFAULT_MAX_BLOCK))
+        view = memoryview(data)
+        for pos in range(0, len(data), step):
+            part = view[pos : pos + step]
+            self._simple_command(CMD_WRITE, offset + pos, len(part), "write", bytes(part))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros (the server may leave it unallocated)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        pos = 0
+        while pos < length:
+            n = min(length - pos, 1 << 30)
+            self._simple_command(CMD_WRITE_ZEROES, offset + pos, n, "write zeroes")
+            pos += n
+
+    def flush(self) -> None:
+        """Ask the server to make every completed write durable."""
+        self._simple_command(CMD_FLUSH, 0, 0, "flush")
 
     def block_status(self, offset: int, length: int) -> dict[str, list[Status]]:
         """One NBD_CMD_BLOCK_STATUS: extents per metadata context, from offset (may cover less)."""
