@@ -159,6 +159,7 @@ class Connection:
         self.remote = SshLocation.parse(location)
         argv = command or receive_command(self.remote)
         self._stderr: deque[str] = deque(maxlen=20)
+        self._answered = False
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -195,8 +196,9 @@ class Connection:
             assert self.proc.stdout is not None
             reply, data = read_message(self.proc.stdout)
         except (EOFError, ProtocolError, OSError, ValueError):
-            what = "cannot reach the replica's host at" if header.get("op") == "hello" else "lost the connection to"
+            what = "lost the connection to" if self._answered else "cannot reach the replica's host at"
             raise self._lost(what) from None
+        self._answered = True
         if reply.get("ok"):
             return reply, data
         raise _error(reply)
@@ -286,12 +288,7 @@ class RemoteSite:
     def _call(self, header: dict[str, Any]) -> dict[str, Any]:
         if self._conn is None:
             self._conn = Connection(self.location, self.command)
-        try:
-            return self._conn.call(header)[0]
-        except ReplicaTransportError as exc:
-            if "lost the connection" in str(exc) and header["op"] == "list":
-                raise ReplicaTransportError(str(exc).replace("lost the connection to", "cannot reach")) from None
-            raise
+        return self._conn.call(header)[0]
 
     def list(self, name: str | None = None) -> list[dict[str, Any]]:
         return list(self._call({"op": "list", "name": name})["replicas"])

@@ -143,7 +143,6 @@ class ReplicaSession:
             )
         except subprocess.CalledProcessError as exc:
             raise ReplicaWriteError(f"seeding {device}: {exc.stderr.strip()}") from None
-        self.written += images.allocated_bytes(path)
         self.daemon = StorageDaemon({d: os.path.join(replica.path, rel) for d, rel in self.files.items()})
 
     def checksums(self, device: str, offset: int, length: int, block: int) -> bytes:

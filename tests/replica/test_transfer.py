@@ -206,3 +206,31 @@ def test_target_disk_full(tmp_path):
         assert read_back(replica.chain_files("latest", "vda")) == before
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_seed_from_a_backup_then_send_changes(tmp_path):
+    from surepoint import storage
+    from surepoint.repo.backup import BackupRequest, run_backup
+    from surepoint.repo.repository import Repository
+    from tests.repo.conftest import MemoryDisk
+
+    disk = Disk()
+    disk.fill(0, 3 * MIB, 1)
+    repo_path = str(tmp_path / "repo")
+    repo = Repository.create(storage.open(repo_path, create=True), chunk_size=64 << 10)
+    backup = MemoryDisk(bytes(disk.data), name="vda")
+    point = run_backup(repo, BackupRequest(name="web", sources=[backup], metadata={"vm": {"bitmap": "bm-1"}}))
+
+    site = LocalSite(str(tmp_path / "site"))
+    disk.fill(MIB, BLOCK, 2)  # the VM moved on since the backup
+    session = site.session("web-replica")
+    session.open("web", SOURCE)
+    session.begin("s1", {"vda": SIZE})
+    seeded = session.seed_from(repo_path, point.id, ["vda"], lambda: "")
+    assert seeded == {"restore_point": point.id, "bitmap": "bm-1", "seeded": ["vda"]}
+    sent = Transfer()
+    send_differences(disk, session, "vda", sent)
+    session.commit({"time": "2026-11-30T10:00:00.000000Z", "consistency": "crash", "cbt": "seeded"}, 3)
+    session.close()
+    assert sent.sent_bytes == BLOCK  # only the change since the backup crossed
+    assert latest_bytes(site.root) == bytes(disk.data)

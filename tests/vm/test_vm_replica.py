@@ -1,0 +1,226 @@
+"""`surepoint replicate vm` on the running test VM, through the real CLI: while the guest appends
+numbered, checksummed records, every replica point holds a clean prefix of them up to its freeze;
+incremental cycles send about what changed; backups and replication alternate and both stay
+incremental; cycles over ssh:// to 127.0.0.1; a cycle killed with -9 leaves the last point intact.
+
+One replica (module fixture) is built by a first, full cycle and shared by the tests, which run in
+file order. The CLI opens its own QMP and guest-agent connections: the tests hold none meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SUREPOINT, Cli
+from tests.remote.sshd import sshd  # noqa: F401 - the session fixture
+from tests.vm.test_vm_backup import RECORD_WRITER, check_records, count_lines
+
+pytestmark = [pytest.mark.kvm]
+
+MiB = 1 << 20
+RECORDS = "/data/replica-records.log"
+
+
+def replicate(cli: Cli, test_vm, target: str, *args: str, env: dict | None = None) -> dict:
+    result = cli.run("replicate", "vm", test_vm.name, "--to", target, "--json", *args, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (vm,) = result.json()["vms"]
+    assert vm["status"] == "ok", vm
+    return vm
+
+
+def replica_dir(target: Path, test_vm) -> Path:
+    return target / f"{test_vm.name}-replica"
+
+
+def record(replica: Path) -> dict:
+    return json.loads((replica / "replica.json").read_text())
+
+
+def records_in(replica: Path, point: dict, workdir: Path) -> int:
+    """How many records the data disk holds at a point (checked whole, in order, checksums right)."""
+    raw = workdir / "data.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(replica / point["files"]["data"]), str(raw)],
+        check=True,
+    )
+    try:
+        fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        cat = subprocess.run(["debugfs", "-R", f"cat {RECORDS.removeprefix('/data')}", str(raw)], capture_output=True)
+        return check_records(cat.stdout)
+    finally:
+        raw.unlink()
+
+
+def replica_bitmaps(test_vm) -> dict[str, list[str]]:
+    with test_vm.qmp() as qmp:
+        return {
+            n["node-name"]: sorted(b["name"] for b in n.get("dirty-bitmaps", []) if b["name"].startswith("surepoint-r"))
+            for n in qmp.query_named_block_nodes()
+            if n["node-name"] in test_vm.disks
+        }
+
+
+def view_left(test_vm) -> list:
+    with test_vm.qmp() as qmp:
+        nodes = [n["node-name"] for n in qmp.query_named_block_nodes() if n["node-name"].startswith("sp-")]
+        return nodes + qmp.query_block_jobs() + qmp.execute("query-block-exports")
+
+
+class Writer:
+    """The guest appending records to RECORDS (one write(2) and fsync each)."""
+
+    def __init__(self, test_vm) -> None:
+        self.test_vm = test_vm
+        test_vm.run(["rm", "-f", RECORDS])
+        with test_vm.agent() as ga:
+            self.pid = ga.exec_start(["perl", "-e", RECORD_WRITER, RECORDS, "900"], capture=True)
+        deadline = time.monotonic() + 60
+        while self.count() < 20:
+            assert time.monotonic() < deadline, "the record writer does not write"
+            time.sleep(0.5)
+
+    def count(self) -> int:
+        return count_lines(self.test_vm, RECORDS)
+
+    def stop(self) -> None:
+        with self.test_vm.agent() as ga:
+            ga.exec(["kill", str(self.pid)])
+
+
+@pytest.fixture(scope="module")
+def shared(test_vm, tmp_path_factory) -> Iterator[dict]:
+    """The replica target, a CLI runner, the record writer, and the first (full) cycle's figures."""
+    tmp = tmp_path_factory.mktemp("replica")
+    cli = Cli(tmp)
+    target = tmp / "site"
+    writer = Writer(test_vm)
+    before = writer.count()
+    started = time.monotonic()
+    first = replicate(cli, test_vm, str(target))
+    first_seconds = time.monotonic() - started
+    after = writer.count()
+    try:
+        yield {
+            "cli": cli,
+            "target": target,
+            "writer": writer,
+            "first": first,
+            "first_window": (before, after),
+            "first_seconds": first_seconds,
+        }
+    finally:
+        writer.stop()
+        test_vm.run(["rm", "-f", RECORDS])
+        with test_vm.qmp() as qmp:  # this replica's bitmaps go with it
+            for node in qmp.query_named_block_nodes():
+                for bitmap in node.get("dirty-bitmaps", []):
+                    if node["node-name"] in test_vm.disks and bitmap.get("name", "").startswith("surepoint-r"):
+                        qmp.execute("block-dirty-bitmap-remove", node=node["node-name"], name=bitmap["name"])
+
+
+def test_points_hold_clean_prefixes_and_cycles_send_changes(test_vm, shared, tmp_path: Path) -> None:
+    cli, target, writer = shared["cli"], shared["target"], shared["writer"]
+    first = shared["first"]
+    assert first["cbt"] == "full" and first["consistency"] == "filesystem", first
+    windows = [shared["first_window"]]
+    cycles = []
+    for _ in range(2):
+        before = writer.count()
+        started = time.monotonic()
+        cycles.append((replicate(cli, test_vm, str(target)), time.monotonic() - started))
+        windows.append((before, writer.count()))
+    for vm, seconds in cycles:
+        assert vm["cbt"] == "dirty bitmap" and vm["consistency"] == "filesystem", vm
+        # the guest appended some KiB of records (and its journal): a cycle sends that, not the disks
+        assert vm["sent_bytes"] < 24 * MiB, vm
+        print(f"\nincremental cycle: {seconds:.1f} s, sent {vm['sent_bytes'] / MiB:.2f} MiB, notes {vm['notes']}")
+    print(
+        f"\nfirst cycle: {shared['first_seconds']:.1f} s, sent {first['sent_bytes'] / MiB:.0f} MiB "
+        f"(read {first['read_bytes'] / MiB:.0f} MiB)"
+    )
+    assert first["sent_bytes"] > 20 * max(vm["sent_bytes"] for vm, _ in cycles)
+
+    replica = replica_dir(target, test_vm)
+    points = record(replica)["points"]
+    assert [p["id"] for p in points] == [first["point"]] + [vm["point"] for vm, _ in cycles]
+    for point, (before, after) in zip(points, windows, strict=True):
+        found = records_in(replica, point, tmp_path)
+        print(f"point {point['id']}: {found} records (guest had {before} before the cycle, {after} after)")
+        assert before <= found <= after
+    # the replica's overlays hold what each cycle sent; QEMU keeps one bitmap of this replica per disk
+    assert all(names == [points[-1]["bitmap"]] for names in replica_bitmaps(test_vm).values())
+    assert view_left(test_vm) == []
+
+    listed = cli.run("replica", "list", str(target), "--json", check=True).json()["replicas"]
+    assert [p["id"] for p in listed[0]["points"]] == [p["id"] for p in points]
+    assert {p["consistency"] for p in listed[0]["points"]} == {"filesystem"}
+
+
+def test_backups_and_replication_alternate_both_incremental(test_vm, shared) -> None:
+    cli, target = shared["cli"], shared["target"]
+    cli.run("init", check=True)
+    seen = []
+    for _ in range(2):
+        backup = cli.run("vm", "backup", test_vm.name, "--json", timeout=600)
+        assert backup.returncode == 0, backup.stderr
+        seen.append(("backup", backup.json()["vms"][0]["cbt"]))
+        seen.append(("replication", replicate(cli, test_vm, str(target))["cbt"]))
+    assert seen == [
+        ("backup", "full read"),
+        ("replication", "dirty bitmap"),
+        ("backup", "dirty bitmap"),
+        ("replication", "dirty bitmap"),
+    ]
+
+
+def test_replication_over_ssh(test_vm, shared, sshd) -> None:  # noqa: F811 - the fixture
+    cli, target = shared["cli"], shared["target"]
+    url = sshd.url(target)
+    vm = replicate(cli, test_vm, url, env=sshd.env())
+    assert vm["cbt"] == "dirty bitmap", vm
+    assert vm["sent_bytes"] < 24 * MiB
+    listed = cli.run("replica", "list", url, "--json", env=sshd.env(), check=True).json()["replicas"]
+    assert listed[0]["points"][-1]["id"] == vm["point"]
+
+
+def test_killed_cycle_leaves_the_last_point_and_the_next_completes(test_vm, shared, tmp_path: Path) -> None:
+    cli, target = shared["cli"], shared["target"]
+    replica = replica_dir(target, test_vm)
+    good = record(replica)["points"]
+    disks = replica / "disks"
+    known = set(os.listdir(disks))
+    # --full: a cycle comparing every block, long enough to be killed in the middle of its transfer
+    proc = subprocess.Popen(
+        [SUREPOINT, "replicate", "vm", test_vm.name, "--to", str(target), "--full"],
+        env=cli.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (set(os.listdir(disks)) - known) or not view_left(test_vm):
+        assert proc.poll() is None, "the cycle ended before it could be killed"
+        assert time.monotonic() < deadline, "the cycle did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert record(replica)["points"] == good  # nothing committed; the last point still reads
+    assert records_in(replica, good[-1], tmp_path) > 0
+
+    vm = replicate(cli, test_vm, str(target))
+    assert vm["cbt"] == "dirty bitmap", vm  # the latest point's bitmap survived the killed cycle
+    assert any("dead job" in n for n in vm["notes"]) or view_left(test_vm) == []
+    assert view_left(test_vm) == []
+    assert set(os.listdir(disks)) == {
+        os.path.basename(f) for p in record(replica)["points"] for f in p["files"].values()
+    }
+    assert all(len(names) == 1 for names in replica_bitmaps(test_vm).values())
