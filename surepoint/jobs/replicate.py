@@ -262,7 +262,10 @@ def replicate_vm(
             notes += info.get("notes", [])
             prefix = bitmap_prefix(str(info["replica_id"]))
             mode, bitmap = _plan(qmp, devices, info, options, notes)
-            remove_stale_bitmaps(qmp, devices, prefix, {bitmap} if bitmap else set())
+            # the latest point's bitmap stays even when unused (a --full cycle may fail; then the next
+            # one still has it); once a newer point is committed it is stale and goes next time
+            latest_bitmap = (info.get("latest") or {}).get("bitmap")
+            remove_stale_bitmaps(qmp, devices, prefix, {b for b in (bitmap, latest_bitmap) if b})
             point_id = new_point_id()
             new_bitmap = prefix + point_id
             session.begin(point_id, {disk_name(d): d.size for d in devices})

@@ -119,6 +119,7 @@ class VmCapture:
                 why = f"guest agent unavailable: {exc}"
                 self.event("guest-fsfreeze", Phase.IDENTIFY, Outcome.FAILED, why)
         if self.agent is not None:
+            self._thaw_left_frozen()
             # a session may wait out the others' prepare and the freeze window before its next request
             lease = max(SESSION_LEASE, 4 * options.freeze_timeout)
             self.app_writers = build_writers(options.writers, GuestRunner(self.agent, vm.name, session_lease=lease))
@@ -131,6 +132,24 @@ class VmCapture:
             )
         else:  # reported like a failed freeze: the job asked for a quiesced copy and got less
             self.not_quiesced = f"guest-fsfreeze identify: guest filesystems not frozen ({why}): crash-consistent only"
+
+    def _thaw_left_frozen(self) -> None:
+        """A job killed while the guest was frozen left it so (qemu-guest-agent has no time limit):
+        its writes hang until a thaw. Thaw it first, or this freeze would fail too."""
+        assert self.agent is not None
+        try:
+            if self.agent.fsfreeze_status(timeout=10) != "frozen":
+                return
+            self.agent.fsfreeze_thaw(timeout=30)
+        except GuestAgentError as exc:
+            self.event("guest-fsfreeze", Phase.CLEANUP, Outcome.WARNING, f"could not check or thaw the guest: {exc}")
+            return
+        self.event(
+            "guest-fsfreeze",
+            Phase.CLEANUP,
+            Outcome.WARNING,
+            "the guest's filesystems were left frozen (by a job that died while they were): thawed",
+        )
 
     def take(
         self,
