@@ -52,16 +52,26 @@ def _say(as_json: bool):
     return (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
 
 
-def _replicator(target: str):
-    """One replication cycle of a VM into its replica under `target`, for a planned failover."""
+def _replicator(target: str, inventory: str | None, say):
+    """One replication cycle of a VM into its replica under `target`, for a planned failover: the
+    guest is shut down by then, so nothing is frozen (its disks are quiet and clean)."""
     try:
-        from surepoint.jobs import replicate as replication
+        from surepoint.jobs.replicate import ReplicateOptions, replicate_vm
+        from surepoint.jobs.vm_capture import CaptureOptions
+        from surepoint.replica.target import open_site
     except ImportError:
         return None
-    run = getattr(replication, "replicate_once", None)
-    if run is None:
-        return None
-    return lambda vm: run(vm, target)
+    from surepoint.vm.inventory import find_vm
+
+    def cycle(vm: str):
+        site = open_site(target)
+        try:
+            options = ReplicateOptions(capture=CaptureOptions(quiesce=False))
+            return replicate_vm(find_vm(vm, inventory), site, options, log=say)
+        finally:
+            site.close()
+
+    return cycle
 
 
 def register(app: typer.Typer) -> None:
@@ -136,7 +146,7 @@ def register(app: typer.Typer) -> None:
                     + f"; next start: {record['start_script']}"
                 )
             return
-        replicate = _replicator(where) if planned else None
+        replicate = _replicator(where, inventory, say) if planned else None
         if planned and replicate is None:
             raise UsageError("a planned failover needs `surepoint replicate`, which this installation lacks")
         entry = jobs.failover_vm(

@@ -22,7 +22,11 @@ def _targets(repo, refs: list[str]) -> list:
 
     points = []
     for ref in refs:
-        if ref.endswith(".toml") or os.path.isfile(ref):
+        if ref.startswith("replica:"):  # replica:DIR[@POINT], booted from the replica's files
+            from surepoint.jobs.failover import replica_lab_target
+
+            points.append(replica_lab_target(ref))
+        elif ref.endswith(".toml") or os.path.isfile(ref):
             job = load_job(ref)
             if job.vm is None:
                 raise UsageError(f"job {ref} backs up image files, not a VM: a lab can only boot VM restore points")
@@ -47,7 +51,10 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         targets: Annotated[
             list[str],
-            typer.Argument(help="Restore points (id, id prefix, NAME:latest) or VM job files (their latest point)."),
+            typer.Argument(
+                help="Restore points (id, id prefix, NAME:latest), VM job files (their latest point), "
+                "or replica states (replica:DIR[@POINT])."
+            ),
         ],
         group: Annotated[
             str | None,

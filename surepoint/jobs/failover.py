@@ -20,8 +20,13 @@ from dataclasses import dataclass, field
 from surepoint.errors import InvalidArgument, SurepointError, TargetError
 from surepoint.replica.errors import ReplicaNotFound
 from surepoint.replica.failover import (
+    ACPI_AFTER,
+    ReplicaLabTarget,
+    ask_guest_to_power_off,
+    boot_spec,
     failover,
     make_permanent,
+    parse_replica_ref,
     undo_failover,
     wait_gone,
 )
@@ -52,6 +57,12 @@ def open_replica(target: str, vm: str) -> ReplicaDir:
         return ReplicaDir.open(path)
     except ReplicaNotFound:
         raise ReplicaNotFound(f"VM {printable(vm)} has no replica in {target} (no {path})") from None
+
+
+def replica_lab_target(ref: str) -> ReplicaLabTarget:
+    """`replica:DIR[@POINT]` (DIR the replica directory, POINT an id, `latest` or a time) for the lab."""
+    path, point = parse_replica_ref(ref)
+    return ReplicaLabTarget(boot_spec(ReplicaDir.open(path), point))
 
 
 def failover_vm(
@@ -100,42 +111,43 @@ def planned_shutdown(vm: str, replicate: Replicate, *, inventory: str | None = N
     if info.libvirt_uri:
         raise InvalidArgument(f"a planned failover of the libvirt domain {printable(vm)} is not supported yet")
     began = time.monotonic()
+    # one QMP client at a time: each step opens its own connection, so the replication cycle can open its own
     with QmpConnection(info.qmp, timeout=30) as qmp:
         qmp.execute("set-action", shutdown="pause")  # the guest powers off; QEMU stays for the last cycle
-        how = "guest agent"
-        try:
-            if not info.guest_agent:
-                raise GuestAgentError("no guest agent")
-            with GuestAgent(info.guest_agent, timeout=10, sync_timeout=5) as ga, contextlib.suppress(GuestAgentError):
-                ga.execute("guest-shutdown", {"mode": "powerdown"}, timeout=5)
-        except GuestAgentError:
+        how = ask_guest_to_power_off(info.guest_agent)
+        if how is None:
             how = "ACPI power button"
             qmp.execute("system_powerdown")
         say(f"shutting down {printable(vm)} (through its {how})")
         deadline = time.monotonic() + SOURCE_SHUTDOWN_TIMEOUT
+        acpi_at = time.monotonic() + ACPI_AFTER
         while qmp.execute("query-status").get("status") != "shutdown":
+            if time.monotonic() > acpi_at and "ACPI" not in how:
+                how += " and the ACPI power button"
+                qmp.execute("system_powerdown")
             if time.monotonic() > deadline:
                 qmp.execute("set-action", shutdown="poweroff")
                 raise TargetError(f"{printable(vm)} did not shut down within {SOURCE_SHUTDOWN_TIMEOUT:.0f} s")
             time.sleep(0.3)
-        shutdown_seconds = time.monotonic() - began
-        say(f"{printable(vm)} is shut down ({shutdown_seconds:.1f} s); sending the last changes")
-        try:
-            last = replicate(vm)
-        except BaseException:
-            say(f"the last replication failed: starting {printable(vm)} again")
-            with contextlib.suppress(QmpError):
-                qmp.execute("set-action", shutdown="poweroff")
-                qmp.execute("system_reset")
-                qmp.execute("cont")
-            raise
+    shutdown_seconds = time.monotonic() - began
+    say(f"{printable(vm)} is shut down ({shutdown_seconds:.1f} s); sending the last changes")
+    try:
+        last = replicate(vm)
+    except BaseException:
+        say(f"the last replication failed: starting {printable(vm)} again")
+        with contextlib.suppress(QmpError), QmpConnection(info.qmp, timeout=30) as qmp:
+            qmp.execute("set-action", shutdown="poweroff")
+            qmp.execute("system_reset")
+            qmp.execute("cont")
+        raise
+    with contextlib.suppress(QmpError), QmpConnection(info.qmp, timeout=30) as qmp:
         qmp.execute("quit")
     if info.pid is not None and not wait_gone(info.pid, None, 30):
         raise TargetError(f"the source VM's QEMU (pid {info.pid}) did not quit")
     return {
         "shutdown": how,
         "shutdown_seconds": round(shutdown_seconds, 2),
-        "last_replication": last if isinstance(last, dict) else None,
+        "last_replication": _as_dict(last),
     }
 
 
@@ -275,3 +287,15 @@ def _port_open(address: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _as_dict(result: object) -> dict | None:
+    if isinstance(result, dict):
+        return result
+    to_json = getattr(result, "to_json", None)
+    if callable(to_json):
+        return to_json()
+    fields = getattr(result, "__dataclass_fields__", None)
+    return (
+        {k: getattr(result, k) for k in fields if isinstance(getattr(result, k), str | int | float)} if fields else None
+    )

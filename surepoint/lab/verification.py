@@ -16,6 +16,7 @@ lab's timeout; a lab that dies is cleaned up by the next one (surepoint.lab.reco
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -180,9 +181,9 @@ class Lab:
 
         self.say(f"{result.role} VM {result.name}: booting restore point {point.id} in the lab")
         try:
-            session = start_instant(
-                self.repository,
-                point,
+            # a replica state boots itself (replica.failover.ReplicaLabTarget); a restore point from the repository
+            start = getattr(point, "boot", None) or functools.partial(start_instant, self.repository, point)
+            session = start(
                 workdir,
                 boot_timeout=min(spec.boot_timeout, remaining),
                 options=MountOptions(cache_bytes=self.mount_options.cache_bytes),
@@ -266,6 +267,7 @@ class Lab:
 
     def _check_integrity(self, points: list[RestorePoint]) -> dict[str, str]:
         """Re-read and check every chunk of the restore points that booted (recorded as integrity checks)."""
+        points = [p for p in points if not hasattr(p, "boot")]  # a replica state has no chunks
         if not points:
             return {}
         self.say(f"checking the chunks of {len(points)} restore point(s)")

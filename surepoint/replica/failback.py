@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from surepoint.errors import InUse, InvalidArgument, TargetError
 from surepoint.processes import command_lines
-from surepoint.replica.failover import qemu_img, require_state, stop_failover_vm, wait_gone
+from surepoint.replica.failover import qemu_img, remove_socket_dir, require_state, stop_failover_vm, wait_gone
 from surepoint.replica.layout import FAILED_OVER, FAILOVER, READY, ReplicaDir, file_stem
 from surepoint.timestamps import utc_now
 from surepoint.vm.boot import start_qemu, wait_for_guest_agent
@@ -124,8 +124,10 @@ def failback(
             )
         write_seconds = time.monotonic() - switch_started
         for name in os.listdir(os.path.join(replica.path, FAILOVER)):
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(os.path.join(replica.path, FAILOVER, name))
+            if not name.endswith(".log"):  # the logs of the last failover stay until the next one
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(os.path.join(replica.path, FAILOVER, name))
+        remove_socket_dir(entry.get("sockets"), os.path.join(replica.path, FAILOVER))
         report = {
             "vm": replica.vm,
             "to": "original" if new_dir is None else new_dir,

@@ -23,6 +23,7 @@ Layout of `failover/` while failed over::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.errors import InvalidArgument, TargetError
+from surepoint.mount.instant import InstantSession, discard_instant
 from surepoint.processes import process_start, same_process
 from surepoint.replica.errors import ReplicaStateError
 from surepoint.replica.layout import DISKS, FAILED_OVER, FAILOVER, PERMANENT, READY, ReplicaDir, ReplicaPoint, file_stem
@@ -40,7 +42,7 @@ from surepoint.replica.netmap import NetworkRule, apply_network
 from surepoint.timestamps import utc_now
 from surepoint.vm.boot import start_qemu, wait_for_guest_agent
 from surepoint.vm.command_line import disk_maps, rewrite
-from surepoint.vm.errors import GuestAgentError, QmpError
+from surepoint.vm.errors import GuestAgentCommandError, GuestAgentError, GuestAgentTimeout, QmpError
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.inventory import parse_command_line
 from surepoint.vm.qmp import QmpConnection
@@ -48,8 +50,11 @@ from surepoint.vm.qmp import QmpConnection
 VM_SUFFIX = "-replica"  # the -name of a replica VM: never the source's name, so the two are never confused
 STOP_TIMEOUT = 20.0
 SHUTDOWN_TIMEOUT = 120.0
+ACPI_AFTER = 30.0  # seconds a guest asked through its agent has before the power button is pressed too
 STREAM_TIMEOUT = 3600.0
 START_SCRIPT = "start-vm.sh"
+RUNTIME_DIR = "/run/surepoint/failover"
+SOCKET_PATH_ROOM = 80  # leaves 27 bytes of the 107 for "/" and a socket name such as qga0.sock
 QEMU_IMG_TIMEOUT = 3600.0
 
 Say = Callable[[str], None]
@@ -148,11 +153,13 @@ def failover(
         require_state(replica, READY, "fail over")
         spec = boot_spec(replica, point)
         workdir = os.path.join(replica.path, FAILOVER)
+        sockets = socket_dir(workdir)
         _clear_workdir(workdir)
+        _clear_workdir(sockets)
         name = replica.vm + VM_SUFFIX
         overlays = make_overlays(spec, workdir)
         try:
-            argv = apply_network(boot_argv(spec, overlays, workdir, name), network or [])
+            argv = apply_network(boot_argv(spec, overlays, sockets, name), network or [])
             info = parse_command_line(argv)
             if info is None or not info.guest_agent:
                 raise InvalidArgument(
@@ -167,6 +174,7 @@ def failover(
                 "planned": planned,
                 "name": name,
                 "overlays": {d["device"]: o for d, o in zip(spec.disks, overlays, strict=True)},
+                "sockets": sockets,
                 "argv": argv,
                 "qmp": info.qmp,
                 "guest_agent": info.guest_agent,
@@ -192,6 +200,7 @@ def failover(
             with contextlib.suppress(Exception):
                 _stop_entry(replica.failover, _quiet, clean=False)
             _clear_workdir(workdir)
+            remove_socket_dir(sockets, workdir)
             replica.state = READY
             replica.failover = None
             replica.save()
@@ -209,6 +218,7 @@ def undo_failover(replica: ReplicaDir, log: Say | None = None) -> dict:
         entry = dict(replica.failover or {})
         _stop_entry(entry, say, clean=False)
         _clear_workdir(os.path.join(replica.path, FAILOVER))
+        remove_socket_dir(entry.get("sockets"), os.path.join(replica.path, FAILOVER))
         replica.state = READY
         replica.failover = None
         replica.save()
@@ -245,6 +255,12 @@ def make_permanent(replica: ReplicaDir, log: Say | None = None, timeout: float =
             if len(jobs) != len(overlays):
                 raise TargetError(f"the failover VM runs {len(jobs)} of its {len(overlays)} overlays: not touching it")
             _wait_jobs_gone(qmp, jobs, timeout)
+            # the streamed clusters' tables may still sit in QEMU's cache; the chain is deleted next, so
+            # flush them now: `stop` flushes every disk (the guest pauses for that moment)
+            was_running = qmp.execute("query-status").get("running", False)
+            qmp.execute("stop")
+            if was_running:
+                qmp.execute("cont")
         for path in overlays.values():
             if _qemu_img_info(path).get("backing-filename"):
                 raise TargetError(f"{path} still has a backing file after block-stream")
@@ -279,23 +295,41 @@ def _write_start_script(path: str, argv: list[str], vm: str, point: str) -> None
 # -- stopping a VM -----------------------------------------------------------------------------
 
 
-def shutdown_vm(qmp_path: str | None, agent_path: str | None, pid: int, pid_start: int | None, timeout: float) -> str:
-    """Shut a guest down cleanly and wait until its QEMU exits; how ("guest agent", "ACPI").
+def ask_guest_to_power_off(agent_path: str | None) -> str | None:
+    """Ask the guest, through its agent, to power off; how it was asked, or None if no agent answers.
 
-    The guest agent's guest-shutdown first, QMP system_powerdown if the agent does not answer.
-    TargetError when QEMU still runs after `timeout`.
+    `systemctl poweroff` first: qemu-ga's guest-shutdown runs shutdown(8), which on a systemd guest
+    without logind (a minimal install) does nothing at all; then guest-shutdown for other guests.
     """
-    how = ""
-    if agent_path:
-        with contextlib.suppress(GuestAgentError, OSError), GuestAgent(agent_path, timeout=10, sync_timeout=5) as ga:
-            # the agent does not answer guest-shutdown: the guest is going away
-            with contextlib.suppress(GuestAgentError):
+    if not agent_path:
+        return None
+    try:
+        with GuestAgent(agent_path, timeout=10, sync_timeout=5) as ga:
+            try:
+                ga.exec_start(["systemctl", "poweroff"], capture=False)
+                return "guest agent (systemctl poweroff)"
+            except GuestAgentCommandError:  # no systemctl in this guest
+                pass
+            with contextlib.suppress(GuestAgentTimeout):  # no reply: the guest is going away
                 ga.execute("guest-shutdown", {"mode": "powerdown"}, timeout=5)
-            how = "guest agent"
-    if not how and qmp_path:
+            return "guest agent (guest-shutdown)"
+    except (GuestAgentError, OSError):
+        return None
+
+
+def shutdown_vm(qmp_path: str | None, agent_path: str | None, pid: int, pid_start: int | None, timeout: float) -> str:
+    """Shut a guest down cleanly and wait until its QEMU exits; how it was asked.
+
+    Through the guest agent first; the ACPI power button (QMP system_powerdown) when no agent answers
+    or the guest is still up after ACPI_AFTER seconds. TargetError when QEMU still runs after `timeout`.
+    """
+    how = ask_guest_to_power_off(agent_path)
+    if how and wait_gone(pid, pid_start, min(ACPI_AFTER, timeout)):
+        return how
+    if qmp_path:
         with contextlib.suppress(QmpError, OSError, EOFError), QmpConnection(qmp_path, timeout=10) as qmp:
             qmp.execute("system_powerdown")
-            how = "ACPI power button"
+            how = f"{how} and the ACPI power button" if how else "ACPI power button"
     if not how:
         raise TargetError(f"cannot ask the VM (pid {pid}) to shut down: neither its guest agent nor QMP answers")
     if not wait_gone(pid, pid_start, timeout):
@@ -367,6 +401,21 @@ def require_state(replica: ReplicaDir, wanted: str, what: str) -> None:
     raise ReplicaStateError(f"cannot {what} {replica.vm}: it is not failed over")
 
 
+def socket_dir(workdir: str) -> str:
+    """Where the failover VM's sockets go: `workdir`, unless its path is too long for a unix socket
+    (108 bytes, name included); then a folder of its own under RUNTIME_DIR."""
+    if len(workdir) <= SOCKET_PATH_ROOM:
+        return workdir
+    return os.path.join(RUNTIME_DIR, hashlib.sha256(workdir.encode()).hexdigest()[:16])
+
+
+def remove_socket_dir(sockets: str | None, workdir: str) -> None:
+    if sockets and sockets != workdir:
+        with contextlib.suppress(FileNotFoundError):
+            _clear_workdir(sockets)
+            os.rmdir(sockets)
+
+
 def _clear_workdir(workdir: str) -> None:
     """Remove what a failover left in `workdir` (overlays, sockets, logs); the folder stays, 0700."""
     os.makedirs(workdir, mode=0o700, exist_ok=True)
@@ -435,3 +484,87 @@ def describe(replica: ReplicaDir) -> FailoverView:
         entry.get("pid"),
         same_process(entry.get("pid"), entry.get("pid_start")),
     )
+
+
+# -- the recovery lab --------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaLabTarget:
+    """A replica state standing where the recovery lab expects a restore point: it boots itself
+    like an instant recovery (overlays on the point's files in the lab's work folder, the saved
+    command line run by the lab's network and namespace), and the lab tears it down like one."""
+
+    spec: BootSpec
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def name(self) -> str:
+        return self.spec.vm
+
+    @property
+    def created(self) -> str:
+        return self.spec.time
+
+    @property
+    def consistency(self) -> str:
+        return self.spec.consistency
+
+    @property
+    def metadata(self) -> dict:
+        return {"vm": {"command_line": self.spec.argv, "disks": self.spec.disks}}
+
+    def boot(
+        self,
+        workdir: str,
+        *,
+        boot_timeout: float = 300,
+        log: Say | None = None,
+        name: str | None = None,
+        command_prefix: list[str] | None = None,
+        prepare_argv: Callable[[list[str]], list[str]] | None = None,
+        **_instant_options: object,
+    ) -> InstantSession:
+        """Boot the replica state in `workdir`; the session record the lab's teardown reads."""
+        say = log or _quiet
+        workdir = os.path.abspath(workdir)
+        session = InstantSession(
+            workdir=workdir,
+            restore_point=self.spec.id,
+            name=name or f"{self.spec.vm}-replica-lab",
+            repository=f"replica:{self.spec.replica}",
+            mount_dir=os.path.join(workdir, "no-mount"),  # nothing is mounted: the replica's files are local
+            command_prefix=list(command_prefix or []),
+        )
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        session.save()
+        try:
+            overlays = make_overlays(self.spec, workdir)
+            session.overlays = [
+                {"number": n, "name": d["device"], "image": image, "overlay": overlay, "size": d["virtual_size"]}
+                for n, (d, image, overlay) in enumerate(zip(self.spec.disks, self.spec.images, overlays, strict=True))
+            ]
+            argv = boot_argv(self.spec, overlays, workdir, session.name)
+            session.argv = prepare_argv(argv) if prepare_argv else argv
+            info = parse_command_line(session.argv)
+            if info is None or not info.guest_agent:
+                raise InvalidArgument(f"the saved command line of {self.spec.vm} has no QMP or guest-agent socket")
+            session.qmp, session.guest_agent = info.qmp, info.guest_agent
+            log_path = os.path.join(workdir, "qemu.log")
+            started = time.monotonic()
+            proc = start_qemu(session.command_prefix + session.argv, log_path)
+            session.pid, session.pid_start = proc.pid, process_start(proc.pid)
+            session.save()
+            say(f"booting replica {self.spec.id}")
+            wait_for_guest_agent(proc, info.guest_agent, boot_timeout, log_path=log_path)
+            session.boot_seconds = session.total_seconds = round(time.monotonic() - started, 2)
+            session.status = "running"
+            session.save()
+            return session
+        except BaseException:
+            with contextlib.suppress(Exception):
+                discard_instant(workdir)
+            raise

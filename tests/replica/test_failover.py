@@ -7,11 +7,13 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from surepoint.errors import InvalidArgument, TargetError
+from surepoint.processes import process_start
 from surepoint.replica import images
 from surepoint.replica.errors import ReplicaPointNotFound, ReplicaStateError
 from surepoint.replica.failover import (
@@ -19,6 +21,7 @@ from surepoint.replica.failover import (
     boot_spec,
     failover,
     make_overlays,
+    make_permanent,
     parse_replica_ref,
     undo_failover,
 )
@@ -211,3 +214,76 @@ def test_bad_requests_on_the_command_line(tmp_path):
         replica.save()
     r = cli.run("failover", "web", "--target", target, "--undo")
     assert r.returncode == 2 and "became the production VM" in r.stderr, r.stderr
+
+
+def run_on_overlays(replica: ReplicaDir, point: str, workdir: Path) -> dict:
+    """A QEMU with no guest (machine none) holding the failover overlays open, recorded as a failover."""
+    spec = boot_spec(replica, point)
+    overlays = make_overlays(spec, os.path.join(replica.path, "failover"))
+    qmp = str(workdir / "qmp.sock")
+    argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
+    argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    for n, overlay in enumerate(overlays):
+        argv += ["-drive", f"file={overlay},format=qcow2,if=none,id=disk{n}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(qmp):
+        assert proc.poll() is None and time.monotonic() < deadline, "QEMU did not start"
+        time.sleep(0.1)
+    entry = {
+        "point": point,
+        "name": "web-replica",
+        "overlays": {d["device"]: o for d, o in zip(spec.disks, overlays, strict=True)},
+        "argv": argv,
+        "qmp": qmp,
+        "guest_agent": None,
+        "pid": proc.pid,
+        "pid_start": process_start(proc.pid),
+    }
+    with replica:
+        replica.state = "failed-over"
+        replica.failover = entry
+        replica.save()
+    return {"proc": proc, **entry}
+
+
+def test_permanent_streams_the_chain_into_the_running_disks(tmp_path):
+    replica, _ = make_replica(tmp_path, points=3)
+    running = run_on_overlays(replica, "p2", tmp_path)
+    try:
+        permanent = make_permanent(ReplicaDir.open(replica.path))
+        assert running["proc"].poll() is None  # the VM never stopped
+        for overlay in running["overlays"].values():
+            info = json.loads(
+                subprocess.run(["qemu-img", "info", "-U", "--output=json", overlay], capture_output=True).stdout
+            )
+            assert "backing-filename" not in info
+            assert read_disk(overlay) == expected(2)
+        assert os.listdir(os.path.join(replica.path, "disks")) == []
+        again = ReplicaDir.open(replica.path)
+        assert again.state == "permanent" and again.points == []
+        assert again.extra["permanent"]["disks"] == running["overlays"]
+        script = Path(permanent["start_script"]).read_text()
+        assert all(o in script for o in running["overlays"].values())
+        with pytest.raises(ReplicaStateError, match="production VM"):
+            failover(again)
+    finally:
+        running["proc"].kill()
+        running["proc"].wait()
+
+
+def test_undo_stops_the_vm_and_drops_its_writes(tmp_path):
+    replica, _ = make_replica(tmp_path, points=2)
+    before = replica_files(replica)
+    running = run_on_overlays(replica, "p1", tmp_path)
+    try:
+        entry = undo_failover(ReplicaDir.open(replica.path))
+        assert entry["pid"] == running["pid"]
+        assert running["proc"].wait(30) is not None  # quit through QMP
+        assert not any(os.path.exists(o) for o in running["overlays"].values())
+        assert ReplicaDir.open(replica.path).state == "ready"
+        assert replica_files(replica) == before
+    finally:
+        if running["proc"].poll() is None:
+            running["proc"].kill()
+            running["proc"].wait()
