@@ -126,6 +126,77 @@ def register(app: typer.Typer) -> None:
         if report.outcome != "passed":
             raise typer.Exit(EXIT_RECOVERY_FAILED)
 
+    @lab_app.command("open")
+    @with_hints({NeedsRoot: "run `surepoint lab open` as root"})
+    def lab_open(
+        ctx: typer.Context,
+        targets: Annotated[
+            list[str],
+            typer.Argument(help="Restore points (id, id prefix, NAME:latest) or VM job files (their latest point)."),
+        ],
+        expose: Annotated[
+            str, typer.Option("--expose", help="The one service reachable from this host: GUEST_IP:PORT in the lab.")
+        ],
+        port: Annotated[
+            int, typer.Option("--port", help="Port of the door on this host's 127.0.0.1 (default: a free one).")
+        ] = 0,
+        group: Annotated[
+            str | None, typer.Option("--group", help="Lab file (TOML): network and application group to boot first.")
+        ] = None,
+        cache_size: Annotated[str, typer.Option(help="Chunk cache of each repository mount, e.g. 256M.")] = "256M",
+        as_json: JsonOption = False,
+    ) -> None:
+        """Boot restore points in an isolated lab, keep them running, and open one door to one service.
+
+        The application group's VMs boot first (each passing its tests), then the restore points
+        given. A port on this host's 127.0.0.1 is forwarded to GUEST_IP:PORT inside the lab, and
+        nothing else goes in or out: use any client (psql, an LDAP browser...) through it. The
+        command returns once the door is open; `surepoint lab close ID` tears the lab down.
+        """
+        from surepoint.lab.lab_file import load_lab_config, parse_lab_config
+        from surepoint.lab.opening import open_lab
+        from surepoint.mount.manager import MountOptions
+
+        if not 0 <= port < 65536:
+            raise UsageError(f"--port {port}: give a port number (1-65535), or none for a free one")
+        c: Context = ctx.obj
+        config = load_lab_config(group) if group else parse_lab_config({}, "<defaults>")
+        repo = c.open_repository()
+        points = _targets(repo, targets)
+        say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
+        opened = open_lab(
+            repo,
+            c.catalog(),
+            config,
+            points,
+            expose,
+            port,
+            mount_options=MountOptions(cache_bytes=parse_size(cache_size)),
+            log=say,
+        )
+        if as_json:
+            print_json(opened.to_json())
+            return
+        for vm in opened.vms:
+            out.print(f"  {vm['name']} ({vm['restore_point']}): {', '.join(vm['addresses']) or 'no address seen'}")
+        out.print(f"lab {opened.lab_id} open: {opened.door} -> {opened.target} (in the lab, {opened.seconds:.0f} s)")
+        out.print(f"close it with: surepoint lab close {opened.lab_id}")
+
+    @lab_app.command("close")
+    def lab_close(
+        lab_id: Annotated[str | None, typer.Argument(help="The open lab (default: the only one).")] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Close an open lab: its door, its VMs, overlays, mounts and namespace go."""
+        from surepoint.lab.opening import close_lab
+
+        say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
+        state = close_lab(lab_id, say)
+        if as_json:
+            print_json({"closed": state.lab_id})
+        else:
+            out.print(f"lab {state.lab_id} closed")
+
     @lab_app.command("clean")
     def lab_clean(as_json: JsonOption = False) -> None:
         """Remove what crashed or killed labs left behind: VMs, overlays, mounts, namespaces."""
@@ -153,6 +224,8 @@ def register(app: typer.Typer) -> None:
                 "alive": s.owner_alive(),
                 "status": s.status if s.owner_alive() else "dead (run `surepoint lab clean`)",
                 "namespace": s.namespace,
+                "door": s.door or None,
+                "restore_points": s.points,
                 "vms": s.vm_workdirs,
             }
             for s in labs
@@ -163,6 +236,7 @@ def register(app: typer.Typer) -> None:
         if not rows:
             out.print("no lab running")
         for row in rows:
-            out.print(f"lab {row['lab_id']} (pid {row['pid']}): {row['status']}, namespace {row['namespace']}")
+            door = f", door {row['door']}" if row["door"] else ""
+            out.print(f"lab {row['lab_id']} (pid {row['pid']}): {row['status']}{door}, namespace {row['namespace']}")
             for vm in row["vms"]:
                 out.print(f"  {vm}")

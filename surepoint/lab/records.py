@@ -45,7 +45,9 @@ class LabState:
     started: float = field(default_factory=time.time)
     deadline: float = 0.0  # wall-clock time after which the lab tears itself down
     vm_workdirs: list[str] = field(default_factory=list)
-    status: str = "starting"  # starting, running, tearing-down
+    status: str = "starting"  # starting, running, open, tearing-down
+    door: str = ""  # an open lab (`lab open`): "127.0.0.1:PORT -> ADDRESS:PORT"; its owner is the door process
+    points: list[str] = field(default_factory=list)  # an open lab: the restore points running in it
 
     def __post_init__(self) -> None:
         if self.pid_start is None:

@@ -80,6 +80,7 @@ class Lab:
         self.network: LabNetwork | None = None
         self.deadline = 0.0
         self.booted: list[RestorePoint] = []  # the restore points whose VM started, each once
+        self.keep_running = False  # an open lab (surepoint.lab.opening): VMs stay up after their tests
 
     def run(self) -> LabReport:
         if os.geteuid() != 0:
@@ -245,7 +246,7 @@ class Lab:
             bad = [t.name for t in result.tests if t.outcome != PASSED]
             result.reason = f"failed: {', '.join(bad)}" if bad else "not every test ran"
         result.seconds = round(time.monotonic() - started, 1)
-        if spec.role == "verified":
+        if spec.role == "verified" and not self.keep_running:
             # its tests are done and nothing depends on it: free its memory before the next one boots
             try:
                 discard_instant(workdir, log=self.say)
