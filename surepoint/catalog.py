@@ -58,6 +58,35 @@ CREATE TABLE IF NOT EXISTS pending_log_prunes (
     done TEXT,
     credentials TEXT             -- the name of this prune's credentials file, while it waits
 );
+CREATE TABLE IF NOT EXISTS file_listings (   -- the files of one guest filesystem, shared by every
+    id INTEGER PRIMARY KEY,                  -- restore point where that filesystem's bytes are the same
+    repository TEXT NOT NULL,
+    content TEXT NOT NULL,                   -- digest of the chunk ids under the filesystem
+    fstype TEXT NOT NULL DEFAULT '',
+    entries INTEGER NOT NULL DEFAULT 0,
+    created TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS file_listings_by_content ON file_listings(repository, content);
+CREATE TABLE IF NOT EXISTS file_entries (
+    listing INTEGER NOT NULL,
+    path TEXT NOT NULL,                      -- from the filesystem's root ("/etc/passwd")
+    name TEXT NOT NULL,                      -- the last component
+    type TEXT NOT NULL,                      -- f file, d directory, l symlink, o other
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS file_entries_by_listing ON file_entries(listing);
+CREATE TABLE IF NOT EXISTS file_index (      -- which listing each filesystem of a restore point has
+    repository TEXT NOT NULL,
+    restore_point TEXT NOT NULL,
+    point_name TEXT NOT NULL,
+    point_created TEXT NOT NULL,
+    disk INTEGER NOT NULL,
+    volume TEXT NOT NULL,                    -- part1, fs, lvm-vg-lv
+    mountpoint TEXT,                         -- where the guest mounts it (its /etc/fstab), if known
+    listing INTEGER NOT NULL,
+    PRIMARY KEY (repository, restore_point, disk, volume)
+);
 CREATE TABLE IF NOT EXISTS chunk_checks (
     repository TEXT NOT NULL,
     chunk_id BLOB NOT NULL,
@@ -325,6 +354,157 @@ class Catalog:
             "SELECT chunk_id FROM chunk_checks WHERE repository=? AND checked_at>=?", (repository, since)
         )
         return {bytes(r[0]) for r in rows}
+
+
+@dataclass
+class IndexedVolume:
+    disk: int
+    volume: str
+    mountpoint: str | None
+    listing: int
+
+
+@dataclass
+class FoundFile:
+    restore_point: str
+    point_name: str
+    point_created: str
+    guest_path: str  # the guest's path when the filesystem's mount point is known, else diskN/VOLUME/path
+    type: str
+    size: int
+    mtime_ns: int
+
+
+# the guest path of an entry: mount point + path inside the filesystem
+_GUEST_PATH = (
+    "CASE WHEN i.mountpoint IS NULL THEN 'disk' || i.disk || '/' || i.volume || e.path "
+    "WHEN i.mountpoint = '/' THEN e.path ELSE i.mountpoint || e.path END"
+)
+
+
+class FileIndexCatalog:
+    """The file index: the file lists of guest filesystems (see surepoint.jobs.file_index)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._db = catalog._db
+        self._lock = catalog._write_lock
+
+    def listing_for(self, repository: str, content: str) -> int | None:
+        row = self._db.execute(
+            "SELECT id FROM file_listings WHERE repository = ? AND content = ?", (repository, content)
+        ).fetchone()
+        return row[0] if row else None
+
+    def add_listing(
+        self, repository: str, content: str, fstype: str, entries: Iterable[tuple[str, str, str, int, int]]
+    ) -> int:
+        """A new listing of (path, name, type, size, mtime_ns) entries; the existing one for `content`."""
+        with self._lock, self._db:
+            row = self._db.execute(
+                "SELECT id FROM file_listings WHERE repository = ? AND content = ?", (repository, content)
+            ).fetchone()
+            if row:
+                return row[0]
+            cur = self._db.execute(
+                "INSERT INTO file_listings (repository, content, fstype, created) VALUES (?, ?, ?, ?)",
+                (repository, content, fstype, now_iso()),
+            )
+            listing = cur.lastrowid
+            count = 0
+            batch: list[tuple] = []
+            for entry in entries:
+                batch.append((listing, *entry))
+                if len(batch) >= 5000:
+                    self._db.executemany("INSERT INTO file_entries VALUES (?, ?, ?, ?, ?, ?)", batch)
+                    count += len(batch)
+                    batch = []
+            self._db.executemany("INSERT INTO file_entries VALUES (?, ?, ?, ?, ?, ?)", batch)
+            count += len(batch)
+            self._db.execute("UPDATE file_listings SET entries = ? WHERE id = ?", (count, listing))
+            return int(listing)  # type: ignore[arg-type]
+
+    def record_point(
+        self, repository: str, restore_point: str, name: str, created: str, volumes: list[IndexedVolume]
+    ) -> None:
+        """The filesystems of a restore point and their listings (replacing what was recorded before)."""
+        with self._lock, self._db:
+            self._db.execute(
+                "DELETE FROM file_index WHERE repository = ? AND restore_point = ?", (repository, restore_point)
+            )
+            self._db.executemany(
+                "INSERT INTO file_index VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (repository, restore_point, name, created, v.disk, v.volume, v.mountpoint, v.listing)
+                    for v in volumes
+                ],
+            )
+
+    def point_volumes(self, repository: str, restore_point: str) -> list[IndexedVolume]:
+        rows = self._db.execute(
+            "SELECT disk, volume, mountpoint, listing FROM file_index WHERE repository = ? AND restore_point = ?",
+            (repository, restore_point),
+        ).fetchall()
+        return [IndexedVolume(*row) for row in rows]
+
+    def indexed_points(self, repository: str, name: str | None = None) -> dict[str, tuple[str, str]]:
+        """restore point id -> (name, created) of every indexed restore point (of `name`)."""
+        sql = "SELECT DISTINCT restore_point, point_name, point_created FROM file_index WHERE repository = ?"
+        args: list = [repository]
+        if name is not None:
+            sql += " AND point_name = ?"
+            args.append(name)
+        return {row[0]: (row[1], row[2]) for row in self._db.execute(sql, args)}
+
+    def mountpoint_of(self, repository: str, name: str, disk: int, volume: str, listing: int) -> str | None | bool:
+        """The mount point an earlier restore point of `name` recorded for this very listing; False if none."""
+        row = self._db.execute(
+            "SELECT mountpoint FROM file_index WHERE repository = ? AND point_name = ? AND disk = ? AND volume = ? "
+            "AND listing = ? ORDER BY point_created DESC LIMIT 1",
+            (repository, name, disk, volume, listing),
+        ).fetchone()
+        return row[0] if row else False
+
+    def find(self, repository: str, pattern: str, *, by_name: bool, name: str | None = None) -> list[FoundFile]:
+        """Entries whose guest path (or, with by_name, last component) matches the GLOB `pattern`."""
+        where = "e.name GLOB ?" if by_name else f"({_GUEST_PATH}) GLOB ?"
+        sql = (
+            f"SELECT i.restore_point, i.point_name, i.point_created, {_GUEST_PATH}, e.type, e.size, e.mtime_ns "
+            f"FROM file_index i JOIN file_entries e ON e.listing = i.listing WHERE i.repository = ? AND {where}"
+        )
+        args: list = [repository, pattern]
+        if name is not None:
+            sql += " AND i.point_name = ?"
+            args.append(name)
+        return [FoundFile(*row) for row in self._db.execute(sql, args)]
+
+    def forget_points(self, repository: str, keep: Iterable[str]) -> int:
+        """Drop the index of restore points not in `keep` (forgotten ones), and listings nobody uses."""
+        kept = set(keep)
+        with self._lock, self._db:
+            gone = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT DISTINCT restore_point FROM file_index WHERE repository = ?", (repository,)
+                )
+                if row[0] not in kept
+            ]
+            for point in gone:
+                self._db.execute(
+                    "DELETE FROM file_index WHERE repository = ? AND restore_point = ?", (repository, point)
+                )
+            if gone:
+                orphans = [
+                    row[0]
+                    for row in self._db.execute(
+                        "SELECT id FROM file_listings l WHERE repository = ? AND NOT EXISTS "
+                        "(SELECT 1 FROM file_index i WHERE i.listing = l.id)",
+                        (repository,),
+                    )
+                ]
+                for listing in orphans:
+                    self._db.execute("DELETE FROM file_entries WHERE listing = ?", (listing,))
+                    self._db.execute("DELETE FROM file_listings WHERE id = ?", (listing,))
+            return len(gone)
 
 
 def split_secrets(config: dict) -> tuple[dict, dict]:

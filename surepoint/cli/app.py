@@ -19,6 +19,7 @@ from surepoint.cli import (
     copy,
     events,
     failover,
+    find,
     instant,
     lab,
     mount,
@@ -84,6 +85,7 @@ for module in (
     scan,
     failover,
     server,
+    find,
 ):
     module.register(app)
 

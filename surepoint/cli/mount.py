@@ -22,6 +22,16 @@ def _mount_table(state) -> list[list[str]]:
     return rows
 
 
+def _volume_name(volume: dict) -> str:
+    if volume.get("volume") == "guest":
+        return (
+            "(guest paths: "
+            + ", ".join(f"{m['mountpoint']} on disk {m['disk']} {m['volume']}" for m in volume.get("mounts", []))
+            + ")"
+        )
+    return f"disk {volume['disk']} {volume['volume']}"
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
     from rich.table import Table
@@ -52,12 +62,13 @@ def register(app: typer.Typer) -> None:
         without partition table) the filesystems, mounted read-only without journal replay.
         Chunks are read on demand from the repository. `surepoint umount DIR` takes it all down.
         """
-        from surepoint.mount.manager import MountOptions, mount_restore_point
+        from surepoint.jobs.guest_volumes import mount_options
+        from surepoint.mount.manager import mount_restore_point
 
         c: Context = ctx.obj
         repo = c.open_repository()
         point = repo.resolve(restore_point)
-        options = MountOptions(
+        options = mount_options(
             cache_bytes=parse_size(cache_size),
             readahead_chunks=readahead,
             foreground=foreground,
@@ -137,9 +148,16 @@ def register(app: typer.Typer) -> None:
     def restore_files_command(
         ctx: typer.Context,
         restore_point: Annotated[str, typer.Argument(help="Id, id prefix, or NAME:latest.")],
-        paths: Annotated[list[str], typer.Argument(help="Files or directories, from the filesystem's root.")],
+        paths: Annotated[
+            list[str],
+            typer.Argument(
+                help="Files or directories as the guest sees them (from the filesystem's root with --disk)."
+            ),
+        ],
         to: Annotated[str, typer.Option("--to", help="Target directory (inside the VM with --into-vm).")],
-        disk: Annotated[int | None, typer.Option(help="Disk number (default: the only one with a filesystem).")] = None,
+        disk: Annotated[
+            int | None, typer.Option(help="Disk number: PATHS are inside that disk's filesystem, not guest paths.")
+        ] = None,
         partition: Annotated[
             str | None, typer.Option(help="Partition number, or 'fs' for a whole-disk filesystem.")
         ] = None,
@@ -157,10 +175,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Copy files and directories out of a restore point, keeping owners, modes, times, symlinks and holes.
 
-        Each PATH lands at the same path below --to (`/etc/nginx` with `--to /tmp/r` gives
-        /tmp/r/etc/nginx); a new --to is created 0700. Owners are the guest's numeric ids;
-        set-uid/set-gid bits are cleared unless --keep-setuid. An existing mount of the restore
-        point is reused; otherwise one is made for the copy and taken down afterwards.
+        PATHS are guest paths: the guest's /etc/fstab says which disk, partition or LVM volume holds
+        them (`/data/app.conf` works when /data is a second disk); with --disk N [--partition P] they
+        are paths inside that filesystem instead. Each PATH lands at the same path below --to
+        (`/etc/nginx` with `--to /tmp/r` gives /tmp/r/etc/nginx); a new --to is created 0700.
+        Owners are the guest's numeric ids; set-uid/set-gid bits are cleared unless --keep-setuid.
+        An existing mount of the restore point is reused; otherwise one is made for the copy and
+        taken down afterwards.
         """
         from surepoint.jobs.file_restore import FileRestoreRequest, restore_files
 
@@ -182,7 +203,7 @@ def register(app: typer.Typer) -> None:
             out.print(
                 f"restored {report.files} files, {report.dirs} directories, {report.symlinks} symlinks "
                 f"({report.bytes} bytes of data, {report.sparse_bytes} bytes left as holes) from "
-                f"{point.id} disk {volume['disk']} {volume['volume']} to {where}"
+                f"{point.id} {_volume_name(volume)} to {where}"
             )
             for line in report.skipped:
                 err.print(f"  skipped {line}")

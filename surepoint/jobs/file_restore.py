@@ -5,24 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass
 
-from surepoint.errors import SurepointError
+from surepoint.errors import InvalidArgument, SurepointError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.jobs.guest_volumes import mount_options
 from surepoint.jobs.progress import Log, no_log
 from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, pick_volume
 from surepoint.mount.files import restore_files as copy_files
-from surepoint.mount.manager import MountOptions, mount_restore_point
+from surepoint.mount.fusefs import GUEST_DIR
+from surepoint.mount.manager import mount_restore_point
 from surepoint.mount.records import MountState, clean_stale, load_states, state_dir, teardown
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
+from surepoint.text import printable
 from surepoint.vm.inventory import guest_agent_for
 
 
 @dataclass
 class FileRestoreRequest:
-    paths: list[str]  # from the filesystem's root
+    paths: list[str]  # guest paths; with `disk`/`partition`: from that filesystem's root
     target: str  # a directory here, or inside the VM `into_vm`
     disk: int | None = None  # default: the only disk with a filesystem
     partition: str | None = None  # a partition number, or "fs" for a whole-disk filesystem
@@ -49,6 +53,36 @@ def _mounted(repository: Repository, point: RestorePoint) -> MountState | None:
     return None
 
 
+def _source(state: MountState, request: FileRestoreRequest) -> dict:
+    """Where the requested paths are read: the guest's tree (DIR/guest) when no disk is named and the
+    guest's /etc/fstab could be mapped, else the filesystem the request or the point singles out."""
+    layout = state.guest.get("layout") or {}
+    if request.disk is None and request.partition is None and state.guest.get("binds"):
+        for path in request.paths:
+            wanted = posixpath.normpath("/" + path.lstrip("/"))
+            for entry in layout.get("unresolved", []):
+                mp = entry["mountpoint"]
+                if wanted == mp or wanted.startswith(mp.rstrip("/") + "/"):
+                    raise InvalidArgument(
+                        f"{printable(path)} lies under {printable(mp)}, which the guest mounts from "
+                        f"{printable(entry['spec'])}: {printable(entry['reason'])}; name the filesystem "
+                        "and give the path inside it (--disk N [--partition P])"
+                    )
+        return {
+            "disk": None,
+            "volume": "guest",
+            "path": os.path.join(state.dir, GUEST_DIR),
+            "fstype": "guest view",
+            "mounts": layout.get("mounts", []),
+        }
+    try:
+        return pick_volume(state.mounts, request.disk, request.partition)
+    except SurepointError as exc:
+        if request.disk is None and layout.get("note"):
+            raise type(exc)(f"{exc} (guest paths need the guest's /etc/fstab: {printable(layout['note'])})") from None
+        raise
+
+
 def restore_files(
     repository: Repository,
     point: RestorePoint,
@@ -69,13 +103,13 @@ def restore_files(
         os.makedirs(base, mode=0o700, exist_ok=True)
         own_dir = tempfile.mkdtemp(prefix="restore-files-", dir=base)
         try:
-            state = mount_restore_point(repository, point, own_dir, MountOptions(), say=log)
+            state = mount_restore_point(repository, point, own_dir, mount_options(), say=log)
         except BaseException:
             os.rmdir(own_dir)
             raise
     report = CopyReport()
     try:
-        volume = pick_volume(state.mounts, request.disk, request.partition)
+        volume = _source(state, request)
         if request.into_vm:
             agent = guest_agent_for(request.into_vm, request.inventory)
             try:

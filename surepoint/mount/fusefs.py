@@ -5,6 +5,8 @@ Layout (DIR is the FUSE mount itself):
     DIR/disks/<n>-<disk name>.raw   the bytes of disk n, read from the repository on demand
     DIR/disk<n>/part<p>/            mountpoint of partition p of disk n (filled by a loop mount)
     DIR/disk<n>/fs/                 mountpoint of a whole-disk filesystem (no partition table)
+    DIR/disk<n>/lvm-<vg>-<lv>/      mountpoint of an LVM logical volume
+    DIR/guest/                      mountpoint of the guest's tree (surepoint.mount.guest)
 
 Built on mfusepy (ctypes over libfuse 3, multi-threaded): see docs/mount.md for why.
 """
@@ -25,6 +27,7 @@ log = logging.getLogger("surepoint.mount")
 
 ATTR_TIMEOUT = 86400.0  # nothing in this filesystem ever changes
 MAX_THREADS = 16
+GUEST_DIR = "guest"
 
 
 def load_mfusepy():
@@ -70,7 +73,11 @@ def build_operations(views: list[DiskView], created_ns: int, on_ready: Callable[
     """The mfusepy Operations object serving `views`; `on_ready` runs once the kernel talks to us."""
     fuse = load_mfusepy()
     images = {f"/disks/{v.image_name}": v for v in views}
-    dirs: dict[str, list[str]] = {"/": ["disks"] + [v.dir_name for v in views], "/disks": [v.image_name for v in views]}
+    dirs: dict[str, list[str]] = {
+        "/": ["disks", GUEST_DIR] + [v.dir_name for v in views],
+        "/disks": [v.image_name for v in views],
+        f"/{GUEST_DIR}": [],
+    }
     for v in views:
         dirs[f"/{v.dir_name}"] = list(v.volumes)
         for volume in v.volumes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import select
 import signal
@@ -22,7 +23,8 @@ from datetime import datetime
 
 from surepoint.errors import InUse, InvalidArgument, NeedsRoot, RepositoryLocked, SurepointError
 from surepoint.mount import fusefs
-from surepoint.mount.fusefs import DiskView, image_path, volume_path
+from surepoint.mount.fusefs import GUEST_DIR, DiskView, image_path, volume_path
+from surepoint.mount.guest import guest_layout
 from surepoint.mount.partitions import PartitionTable, read_partition_table
 from surepoint.mount.reader import (
     DEFAULT_CACHE_BYTES,
@@ -37,6 +39,7 @@ from surepoint.processes import process_start
 from surepoint.repo.locks import is_stale, read_locks
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
+from surepoint.text import printable
 
 log = logging.getLogger("surepoint.mount")
 
@@ -59,21 +62,32 @@ COMMON_OPTIONS = "nodev,nosuid,noexec"
 NOT_FILESYSTEMS = {"swap", "LVM2_member", "crypto_LUKS", "linux_raid_member", "zfs_member", "bcache", "BitLocker"}
 
 
+# Finds the LVM logical volumes of a disk: (read, disk size, [(offset, size) of its partitions or
+# whole disk]) -> [(vg/lv name, [(disk offset, length) pieces], reason it cannot be used or "")].
+# Given by the caller (jobs), which has the LVM metadata reader.
+LogicalVolumeFinder = Callable[[Callable[[int, int], bytes], int, list[tuple[int, int]]], list[tuple[str, list, str]]]
+
+
 @dataclass
 class MountOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS
     foreground: bool = False
     filesystems: bool = True  # loop-mount the partitions (needs root)
+    logical_volumes: LogicalVolumeFinder | None = None  # mount LVM logical volumes too
+    guest_view: bool = True  # DIR/guest: the guest's tree after its /etc/fstab (see surepoint.mount.guest)
 
 
 @dataclass
 class Volume:
-    name: str  # "part<p>" or "fs"
+    name: str  # "part<p>", "fs" or "lvm-<vg>-<lv>"
     offset: int
     size: int
     partition: int | None
     description: str
+    partuuid: str = ""
+    partlabel: str = ""
+    lv: str = ""  # "vg/lv" of a logical volume
 
 
 def check_no_exclusive_lock(repository: Repository) -> None:
@@ -86,7 +100,42 @@ def check_no_exclusive_lock(repository: Repository) -> None:
 def plan_volumes(disk_number: int, table: PartitionTable, size: int) -> list[Volume]:
     if table.scheme is None:
         return [Volume("fs", 0, size, None, "whole disk")]
-    return [Volume(f"part{p.number}", p.start, p.size, p.number, p.describe()) for p in table.partitions]
+    return [
+        Volume(f"part{p.number}", p.start, p.size, p.number, p.describe(), p.uuid, p.name) for p in table.partitions
+    ]
+
+
+def plan_logical_volumes(
+    read: Callable[[int, int], bytes],
+    size: int,
+    volumes: list[Volume],
+    finder: LogicalVolumeFinder,
+    say: Callable[[str], None],
+    where: str,
+) -> list[Volume]:
+    """The LVM logical volumes inside `volumes` that can be loop-mounted (one contiguous piece)."""
+    try:
+        found = finder(read, size, [(v.offset, v.size) for v in volumes])
+    except ChunkReadError as exc:
+        say(f"{where}: LVM metadata unreadable: {exc}")
+        return []
+    result: list[Volume] = []
+    taken = {v.name for v in volumes}
+    for lv_name, pieces, reason in found:
+        label = printable(lv_name)
+        if not reason and len(pieces) != 1:
+            reason = f"made of {len(pieces)} separate pieces (not mounted)"
+        if reason:
+            say(f"{where}: logical volume {label}: {reason}")
+            continue
+        base = "lvm-" + "".join(c if c.isalnum() or c in "._+" else "-" for c in lv_name.replace("/", "-"))[:100]
+        name, n = base, 1
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        taken.add(name)
+        offset, length = pieces[0]
+        result.append(Volume(name, offset, length, None, f"logical volume {label}", lv=lv_name))
+    return result
 
 
 def _views(
@@ -127,6 +176,7 @@ def mount_restore_point(
     probe_cache = ChunkCache(repository.chunks.get, 64 << 20)
     probe = _views(repository, point, probe_cache, None, 0, None)
     tables: dict[int, PartitionTable] = {}
+    plans: dict[int, list[Volume]] = {}
     for view in probe:
         try:
             tables[view.number] = read_partition_table(view.reader.read, view.reader.size)
@@ -136,7 +186,13 @@ def mount_restore_point(
         for warning in table.warnings:
             say(f"disk {view.number}: {warning}")
         if table.scheme != "unreadable":
-            view.volumes = [v.name for v in plan_volumes(view.number, table, view.reader.size)]
+            plan = plan_volumes(view.number, table, view.reader.size)
+            if options.logical_volumes is not None and options.filesystems:
+                plan += plan_logical_volumes(
+                    view.reader.read, view.reader.size, plan, options.logical_volumes, say, f"disk {view.number}"
+                )
+            plans[view.number] = plan
+            view.volumes = [v.name for v in plan]
     del probe_cache
 
     state = MountState(
@@ -159,7 +215,7 @@ def mount_restore_point(
     if options.foreground:
         deferred = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in STOP_SIGNALS}
     try:
-        return _mount_and_serve(repository, point, state, probe, tables, options, say, requested)
+        return _mount_and_serve(repository, point, state, probe, plans, options, say, requested)
     finally:
         for s, handler in deferred.items():
             signal.signal(s, handler)
@@ -170,7 +226,7 @@ def _mount_and_serve(
     point: RestorePoint,
     state: MountState,
     probe: list[DiskView],
-    tables: dict[int, PartitionTable],
+    plans: dict[int, list[Volume]],
     options: MountOptions,
     say: Callable[[str], None],
     requested: list[int],
@@ -187,11 +243,10 @@ def _mount_and_serve(
     try:
         if options.filesystems:
             for view in probe:
-                table = tables[view.number]
-                if table.scheme == "unreadable":
-                    continue
-                for volume in plan_volumes(view.number, table, view.reader.size):
+                for volume in plans.get(view.number, []):
                     _mount_volume(state, view, volume, say)
+            if options.guest_view:
+                _mount_guest_view(state, point, say)
         state.status = "mounted"
         state.save()
     except BaseException:
@@ -347,13 +402,15 @@ def _mount_volume(state: MountState, view: DiskView, volume: Volume, say: Callab
         state.save()
         say(f"{where}: not mounted: {reason}")
 
-    probe = run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
-    fstype = probe.stdout.strip()
+    probe = run(["blkid", "-p", "-o", "export", device], check=False)
+    tags = _blkid_tags(probe.stdout)
+    fstype = tags.get("TYPE", "")
     if probe.returncode != 0 or not fstype:
         skip("no filesystem recognised" if probe.returncode == 2 else f"blkid failed: {probe.stderr.strip()}")
         return
     if fstype in NOT_FILESYSTEMS:
-        skip(f"holds {fstype}, not a filesystem")
+        lvm = " (its logical volumes are mounted as lvm-*)" if fstype == "LVM2_member" and volume.partition else ""
+        skip(f"holds {fstype}, not a filesystem{lvm}")
         return
     path = volume_path(state.dir, view, volume.name)
     mount_options = FS_OPTIONS.get(fstype, "ro") + "," + COMMON_OPTIONS
@@ -370,10 +427,71 @@ def _mount_volume(state: MountState, view: DiskView, volume: Volume, say: Callab
             "volume": volume.name,
             "partition": volume.partition,
             "options": mount_options,
+            "uuid": tags.get("UUID", ""),
+            "label": tags.get("LABEL", ""),
+            "partuuid": volume.partuuid,
+            "partlabel": volume.partlabel,
+            "lv": volume.lv,
         }
     )
     state.save()
     say(f"disk {view.number} {volume.name}: {fstype} mounted read-only at {path}")
+
+
+def _blkid_tags(text: str) -> dict[str, str]:
+    """blkid -o export output (KEY=value lines, values shell-escaped) as a dict."""
+    tags = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            tags[key.strip()] = re.sub(r"\\(.)", r"\1", value.strip())
+    return tags
+
+
+def _mount_guest_view(state: MountState, point: RestorePoint, say: Callable[[str], None]) -> None:
+    """DIR/guest: the root filesystem, with every other filesystem bound at its fstab mount point."""
+    names = {d["number"]: d["name"] for d in state.disks}
+    layout = guest_layout(state.mounts, names)
+    state.guest = {"layout": layout.to_json(), "binds": []}
+    if layout.root is None:
+        say(f"no guest view: {layout.note}")
+        state.save()
+        return
+    for entry in layout.unresolved:
+        say(f"guest view: {printable(entry['mountpoint'])} ({printable(entry['spec'])}) left out: {entry['reason']}")
+    base = os.path.join(state.dir, GUEST_DIR)
+    for mount in layout.mounts:
+        target = os.path.join(base, mount.mountpoint.lstrip("/")) if mount.mountpoint != "/" else base
+        shown = printable(mount.mountpoint)
+        if mount.mountpoint != "/" and not _inside_directory(base, mount.mountpoint):
+            say(f"guest view: {shown} is not a directory in the guest's tree; left out")
+            continue
+        proc = run(["mount", "--bind", "-o", "ro," + COMMON_OPTIONS, mount.source["path"], target], check=False)
+        if proc.returncode != 0:
+            say(f"guest view: {shown}: bind mount failed: {proc.stderr.strip()}")
+            continue
+        run(["mount", "-o", "remount,bind,ro," + COMMON_OPTIONS, target], check=False)
+        state.guest["binds"].append(target)
+        state.save()
+    say(f"guest view at {base}: " + ", ".join(printable(m.mountpoint) for m in layout.mounts))
+
+
+def _inside_directory(base: str, guest_path: str) -> bool:
+    """The guest path is a real directory below `base`, reached without following a symlink."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [p for p in guest_path.split("/") if p]:
+            if part in (".", ".."):
+                return False
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                return False
+            os.close(fd)
+            fd = child
+        return True
+    finally:
+        os.close(fd)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

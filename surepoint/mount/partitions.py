@@ -12,7 +12,7 @@ import struct
 import uuid
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SECTOR = 512
 MBR_SIGNATURE = b"\x55\xaa"
@@ -34,6 +34,7 @@ class Partition:
     size: int  # bytes
     type: str  # "0x83" (MBR) or the type GUID (GPT)
     name: str = ""  # GPT partition name
+    uuid: str = ""  # PARTUUID as Linux shows it: the GPT unique GUID, or MBR disk signature-number
 
     def describe(self) -> str:
         label = f" {self.name!r}" if self.name else ""
@@ -70,6 +71,7 @@ def read_partition_table(read: ReadFn, disk_size: int) -> PartitionTable:
         gpt = _read_gpt(read, disk_size, [])
         return gpt if gpt is not None else PartitionTable(None)
     table = PartitionTable("mbr", [], warnings)
+    signature = f"{struct.unpack_from('<I', mbr, 440)[0]:08x}"
     disk_sectors = disk_size // SECTOR
     for i, (_status, _chs1, ptype, _chs2, lba, count) in enumerate(entries):
         if not ptype or not count:
@@ -82,6 +84,7 @@ def read_partition_table(read: ReadFn, disk_size: int) -> PartitionTable:
             continue
         table.partitions.append(Partition(i + 1, lba * SECTOR, count * SECTOR, f"0x{ptype:02x}"))
     _drop_overlaps(table)
+    table.partitions = [replace(p, uuid=f"{signature}-{p.number:02x}") for p in table.partitions]
     return table
 
 
@@ -203,7 +206,12 @@ def _parse_gpt(read: ReadFn, header: bytes, my_lba: int, last_lba: int) -> Parti
             continue
         table.partitions.append(
             Partition(
-                i + 1, first * SECTOR, (last - first + 1) * SECTOR, str(uuid.UUID(bytes_le=bytes(type_guid))), name
+                i + 1,
+                first * SECTOR,
+                (last - first + 1) * SECTOR,
+                str(uuid.UUID(bytes_le=bytes(type_guid))),
+                name,
+                str(uuid.UUID(bytes_le=bytes(entry[16:32]))),
             )
         )
     _drop_overlaps(table)

@@ -46,6 +46,7 @@ class MountState:
     loops: list[dict] = field(default_factory=list)  # {"device", "image", "offset", "size"}
     mounts: list[dict] = field(default_factory=list)  # {"path", "device", "fstype", "disk", "volume", "options"}
     skipped: list[dict] = field(default_factory=list)  # volumes not mounted, with the reason
+    guest: dict = field(default_factory=dict)  # {"layout": the guest's fstab mapped, "binds": [DIR/guest...]}
 
     @property
     def path(self) -> str:
@@ -185,6 +186,13 @@ def teardown(state: MountState, *, lazy: bool, log=None) -> None:
                 run(["umount", "-l", "-c", path], check=False)
         state.mounts.clear()
     else:
+        for path in reversed(list(state.guest.get("binds", []))):
+            if is_mountpoint(path):
+                proc = run(["umount", "-c", path], check=False)
+                if proc.returncode != 0 and is_mountpoint(path):
+                    state.save()
+                    raise InUse(f"cannot unmount {path}: {proc.stderr.strip() or 'busy'}; close the files open there")
+            state.guest["binds"].remove(path)
         for entry in reversed(list(state.mounts)):
             path = entry["path"]
             if is_mountpoint(path):

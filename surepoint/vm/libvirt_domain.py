@@ -17,8 +17,13 @@ of its own, are given to that user before QEMU is asked to open them. A MAC conf
 Disks are named by their libvirt target (vda, sdb, ...) rather than by libvirt's node names
 (libvirt-2-format), which change when the domain restarts.
 
-Some 500 lines on purpose: this is the one adapter to libvirt (finding domains, QMP and agent
-pass-through, ownership of temporary files), kept together so the rest of vm/ never imports libvirt.
+A restore defines a domain again from its saved XML (`restored_domain_xml`: new name, restored
+disks, what libvirt adds only while a domain runs removed, a new UUID and MACs beside the original)
+and looks at the disks of a defined domain (`domain_disks`).
+
+Some 700 lines on purpose: this is the one adapter to libvirt (finding domains, QMP and agent
+pass-through, ownership of temporary files, redefining a restored domain), kept together so the
+rest of vm/ never imports libvirt.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from typing import Any
 
 from surepoint.vm.errors import (
@@ -511,3 +517,175 @@ def domain_metadata(vm: VmInfo) -> dict[str, Any]:
     if not getattr(vm, "libvirt_uri", None):
         return {}
     return {"libvirt_uri": vm.libvirt_uri, "domain_xml": vm.domain_xml}
+
+
+# -- restore: a domain defined again from its saved XML --------------------------------------------
+
+RUNTIME_ATTRIBUTES = {"domain": ("id",), "target": ("state",), "source": ("index",)}
+
+
+@dataclass
+class RestoredDisk:
+    """A disk of a restored domain: its target (vda) and the new image."""
+
+    target: str
+    path: str
+    format: str
+
+
+def restored_domain_xml(
+    saved_xml: str,
+    name: str,
+    disks: list[RestoredDisk],
+    *,
+    new_identity: bool,
+    used_macs: set[str] | None = None,
+) -> tuple[str, list[str]]:
+    """The saved (live) XML of a domain, made definable again: (XML, notes).
+
+    The name becomes `name`; each disk in `disks` (by target) points to its new image, with the new
+    format and no backing chain; what libvirt only adds while a domain runs (id, aliases, dynamic
+    security labels, channel and console paths, tap names, autoport ports) goes. With
+    `new_identity` (restoring beside the original) the UUID is dropped (libvirt gives a new one) and
+    every interface gets a new MAC not in `used_macs`.
+    """
+    root = ET.fromstring(saved_xml)
+    notes: list[str] = []
+    for attr in RUNTIME_ATTRIBUTES["domain"]:
+        root.attrib.pop(attr, None)
+    name_el = root.find("name")
+    if name_el is None:
+        name_el = ET.SubElement(root, "name")
+    name_el.text = name
+    if new_identity:
+        uuid_el = root.find("uuid")
+        if uuid_el is not None:
+            root.remove(uuid_el)
+    for seclabel in root.findall("seclabel"):
+        if seclabel.get("type") == "dynamic":
+            for child in list(seclabel):
+                if child.tag in ("label", "imagelabel"):
+                    seclabel.remove(child)
+    devices = root.find("devices")
+    if devices is None:
+        return ET.tostring(root, encoding="unicode"), notes
+    for element in devices.iter():
+        alias = element.find("alias")
+        if alias is not None:
+            element.remove(alias)
+        for attr in RUNTIME_ATTRIBUTES.get(element.tag, ()):
+            element.attrib.pop(attr, None)
+    by_target = {d.target: d for d in disks}
+    for disk in devices.findall("disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        new = by_target.pop(dev, None) if dev else None
+        if new is None:
+            continue
+        disk.set("type", "file")
+        for child in list(disk):
+            if child.tag in ("source", "backingStore", "mirror", "auth", "encryption", "reservations"):
+                disk.remove(child)
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.Element("driver", {"name": "qemu"})
+            disk.insert(0, driver)
+        driver.set("type", new.format)
+        source = ET.Element("source", {"file": new.path})
+        disk.insert(list(disk).index(driver) + 1, source)
+    for target in by_target:
+        notes.append(f"disk {target} is not in the saved domain XML")
+    for channel in devices.findall("channel"):  # libvirt makes the path of a unix channel itself
+        source = channel.find("source")
+        if channel.get("type") == "unix" and source is not None and source.get("mode", "bind") == "bind":
+            channel.remove(source)
+    for element in devices.findall("console") + devices.findall("serial"):
+        if element.get("type") == "pty":
+            for source in element.findall("source"):
+                element.remove(source)
+    for graphics in devices.findall("graphics"):
+        if graphics.get("autoport") == "yes":
+            for attr in ("port", "tlsPort", "websocket"):
+                graphics.attrib.pop(attr, None)
+        elif graphics.get("port") not in (None, "-1") and new_identity:
+            graphics.set("autoport", "yes")
+            graphics.attrib.pop("port", None)
+            notes.append("graphics: the fixed port of the original is taken; a free one is chosen at start")
+    used = {m.lower() for m in used_macs} if used_macs is not None else set()
+    for interface in devices.findall("interface"):
+        target = interface.find("target")
+        kinds = ("network", "bridge", "direct", "ethernet")
+        if target is not None and interface.get("type") in kinds and target.get("managed") != "no":
+            interface.remove(target)  # vnetN: libvirt names a new tap
+        mac = interface.find("mac")
+        if new_identity:
+            if mac is None:
+                mac = ET.SubElement(interface, "mac")
+            address = ""
+            while not address or address in used:
+                address = "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+            used.add(address)
+            if used_macs is not None:
+                used_macs.add(address)
+            mac.set("address", address)
+    return ET.tostring(root, encoding="unicode"), notes
+
+
+def domain_exists(conn: Any, name: str | None = None, uuid: str | None = None) -> bool:
+    """Whether libvirt at `conn` knows a domain of that name or UUID (running or not)."""
+    libvirt, _ = _libvirt()
+    try:
+        if name is not None:
+            conn.lookupByName(name)
+        else:
+            conn.lookupByUUIDString(uuid)
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+def saved_uuid(saved_xml: str) -> str | None:
+    element = ET.fromstring(saved_xml).find("uuid")
+    return element.text.strip() if element is not None and element.text else None
+
+
+def saved_name(saved_xml: str) -> str | None:
+    element = ET.fromstring(saved_xml).find("name")
+    return element.text.strip() if element is not None and element.text else None
+
+
+def define_domain(conn: Any, xml: str) -> Any:
+    """Define (persistently, not started) a domain from `xml`; its virDomain."""
+    libvirt, _ = _libvirt()
+    try:
+        return conn.defineXML(xml)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt refused the restored domain: {exc.get_error_message()}") from None
+
+
+def start_domain(dom: Any) -> None:
+    libvirt, _ = _libvirt()
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt could not start domain {dom.name()}: {exc.get_error_message()}") from None
+
+
+def domain_disks(conn: Any, name: str) -> tuple[bool, dict[str, tuple[str, str]]]:
+    """(running, {target: (source file, format)}) of the file-backed disks of a defined domain."""
+    libvirt, _ = _libvirt()
+    try:
+        dom = conn.lookupByName(name)
+        running = bool(dom.isActive())
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"libvirt domain {name!r}: {exc.get_error_message()}") from None
+    disks = {}
+    for disk in ET.fromstring(xml).iterfind("./devices/disk"):
+        target, source, driver = disk.find("target"), disk.find("source"), disk.find("driver")
+        if target is None or source is None or disk.get("device", "disk") != "disk":
+            continue
+        path = source.get("file") or source.get("dev")
+        if path and target.get("dev"):
+            disks[target.get("dev")] = (path, driver.get("type", "raw") if driver is not None else "raw")
+    return running, disks

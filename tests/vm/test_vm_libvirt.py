@@ -9,6 +9,7 @@ provides both. Without them these tests skip, saying why. The XML helpers are te
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -287,3 +288,134 @@ def test_backup_libvirt_domain(libvirt_vm: LibvirtVm, cli: Cli, tmp_path: Path) 
 
 def meta_bitmap(cli: Cli, point_id: str) -> str:
     return cli.run("show", point_id, "--json", check=True).json()["metadata"]["vm"]["bitmap"]
+
+
+# -- restore: the domain defined again ---------------------------------------------------------------
+
+LIVE_XML = """<domain type='kvm' id='7'>
+  <name>web01</name>
+  <uuid>3e8c1a52-5b07-4a8e-9d3a-6c1f1c0e1a01</uuid>
+  <memory unit='KiB'>1048576</memory>
+  <devices>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source dev='/dev/vg0/web01' index='2'/>
+      <backingStore/>
+      <target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/web01-data.qcow2' index='1'/>
+      <backingStore type='file' index='3'>
+        <format type='qcow2'/><source file='/var/lib/libvirt/images/base.qcow2'/>
+      </backingStore>
+      <target dev='vdb' bus='virtio'/>
+      <alias name='virtio-disk1'/>
+    </disk>
+    <disk type='file' device='cdrom'><target dev='sda' bus='sata'/><readonly/><alias name='sata0-0-0'/></disk>
+    <interface type='network'>
+      <mac address='52:54:00:aa:bb:01'/>
+      <source network='default' portid='0c9b2e0c-1111-2222-3333-444455556666' bridge='virbr0'/>
+      <target dev='vnet3'/>
+      <model type='virtio'/>
+      <alias name='net0'/>
+    </interface>
+    <serial type='pty'><source path='/dev/pts/4'/><target port='0'/><alias name='serial0'/></serial>
+    <channel type='unix'>
+      <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-7-web01/org.qemu.guest_agent.0'/>
+      <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>
+      <alias name='channel0'/>
+    </channel>
+    <graphics type='vnc' port='5900' autoport='yes' listen='127.0.0.1'>
+      <listen type='address' address='127.0.0.1'/>
+    </graphics>
+  </devices>
+  <seclabel type='dynamic' model='dac' relabel='yes'>
+    <label>+64055:+108</label><imagelabel>+64055:+108</imagelabel>
+  </seclabel>
+</domain>"""
+
+
+def test_restored_domain_xml_beside_the_original() -> None:
+    import xml.etree.ElementTree as ET
+
+    disks = [
+        libvirt_domain.RestoredDisk("vda", "/srv/restore/web01-restored-vda.qcow2", "qcow2"),
+        libvirt_domain.RestoredDisk("vdb", "/srv/restore/web01-restored-vdb.raw", "raw"),
+    ]
+    used: set[str] = set()
+    xml, notes = libvirt_domain.restored_domain_xml(
+        LIVE_XML, "web01-restored", disks, new_identity=True, used_macs=used
+    )
+    root = ET.fromstring(xml)
+    assert root.get("id") is None and root.findtext("name") == "web01-restored" and root.find("uuid") is None
+    assert not root.findall(".//alias") and not root.findall(".//seclabel/label")
+    vda, vdb, cdrom = root.findall("./devices/disk")
+    assert vda.get("type") == "file" and vda.find("source").attrib == {"file": disks[0].path}
+    assert vda.find("driver").get("type") == "qcow2" and vda.find("driver").get("cache") == "none"
+    assert vdb.find("source").attrib == {"file": disks[1].path} and vdb.find("driver").get("type") == "raw"
+    assert vda.find("backingStore") is None and vdb.find("backingStore") is None  # whole images now
+    assert cdrom.find("source") is None and cdrom.find("readonly") is not None  # not restored: as it was
+    [nic] = root.findall("./devices/interface")
+    mac = nic.find("mac").get("address")
+    assert mac != "52:54:00:aa:bb:01" and mac.startswith("52:54:00:") and used == {mac}
+    assert nic.find("target") is None and nic.find("source").get("network") == "default"
+    assert root.find("./devices/channel/source") is None  # libvirt makes a new channel path
+    assert root.find("./devices/channel/target").get("state") is None
+    assert root.find("./devices/serial/source") is None
+    assert root.find("./devices/graphics").get("port") is None  # autoport: a free one at start
+    assert notes == []
+
+
+def test_restored_domain_xml_in_place_of_a_lost_domain() -> None:
+    import xml.etree.ElementTree as ET
+
+    xml, _ = libvirt_domain.restored_domain_xml(
+        LIVE_XML, "web01", [libvirt_domain.RestoredDisk("vda", "/srv/a.qcow2", "qcow2")], new_identity=False
+    )
+    root = ET.fromstring(xml)
+    assert root.findtext("uuid") == "3e8c1a52-5b07-4a8e-9d3a-6c1f1c0e1a01"
+    assert root.find("./devices/interface/mac").get("address") == "52:54:00:aa:bb:01"
+    vdb = root.findall("./devices/disk")[1]
+    assert vdb.find("source").get("file") == "/var/lib/libvirt/images/web01-data.qcow2"  # not restored: kept
+
+
+@pytest.mark.kvm
+def test_vm_restore_defines_the_libvirt_domain(libvirt_vm: LibvirtVm, cli: Cli, tmp_path: Path) -> None:
+    libvirt, conn = libvirt_or_skip()
+    name = libvirt_vm.name
+    if not cli.repo.exists():
+        cli.run("init", check=True)
+    point = backup(cli, name)["restore_point"]
+    storage = Path(tempfile.mkdtemp(prefix="surepoint-libvirt-restore-"))
+    os.chmod(storage, 0o755)  # libvirt's QEMU user must reach the images
+    copy = f"{name}-restored"
+    try:
+        result = cli.run("vm", "restore", point, "--storage", str(storage), "--json", timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        restored = result.json()
+        assert restored["kind"] == "libvirt" and restored["name"] == copy and restored["new_identity"]
+        dom = conn.lookupByName(copy)
+        assert not dom.isActive() and dom.isPersistent()  # defined, powered off
+        assert dom.UUIDString() != conn.lookupByName(name).UUIDString()
+        xml = dom.XMLDesc(0)
+        sources = [s for s in restored["disks"]]
+        assert sources == [str(storage / f"{copy}-vda.qcow2"), str(storage / f"{copy}-vdb.qcow2")]
+        assert all(f"<source file='{s}'" in xml or f'<source file="{s}"' in xml for s in sources), xml
+        assert str(libvirt_vm.workdir) not in xml  # nothing of the original's disks
+        # single disks: refused into the running original, restored into the stopped copy
+        busy = cli.run("vm", "restore", point, "--disk", "vdb")
+        assert busy.returncode == 2 and "running" in busy.stderr, busy.stderr
+        before = hashlib.sha256(Path(sources[1]).read_bytes()).hexdigest()
+        Path(sources[1]).write_bytes(b"")  # lost
+        into = cli.run("vm", "restore", point, "--disk", "vdb", "--into", copy, "--json")
+        assert into.returncode == 0, into.stderr
+        assert hashlib.sha256(Path(sources[1]).read_bytes()).hexdigest() == before
+        again = cli.run("vm", "restore", point, "--storage", str(tmp_path / "other"), "--name", copy)
+        assert again.returncode == 2 and "already has a domain" in again.stderr
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(copy).undefine()
+        conn.close()
+        shutil.rmtree(storage, ignore_errors=True)
