@@ -205,7 +205,9 @@ def _restore_libvirt(
             libvirt_domain.RestoredDisk(target, path, options.disk_format)
             for target, path in zip(targets, paths, strict=True)
         ]
-        xml, notes = libvirt_domain.restored_domain_xml(saved_xml, name, disks, new_identity=new_identity)
+        xml, notes = libvirt_domain.restored_domain_xml(
+            saved_xml, name, disks, new_identity=new_identity, files_dir=storage
+        )
         try:
             dom = libvirt_domain.define_domain(conn, xml)
         except BaseException:
@@ -433,7 +435,7 @@ def restore_disks_into(
             raise InvalidArgument(f"restore point {point.id} has no disk {device!r} (disks: {known})")
         chosen.append((device, disk))
     name = vm_name or (libvirt_domain.saved_name(vm["domain_xml"]) if vm.get("domain_xml") else None) or point.name
-    targets: dict[int, str] = {}
+    targets: dict[int, tuple[str, str | None]] = {}  # disk number -> (image, format, None: as found)
     if vm.get("domain_xml"):
         conn = libvirt_domain.connect(libvirt_uri or vm.get("libvirt_uri"))
         try:
@@ -448,23 +450,27 @@ def restore_disks_into(
         for _device, disk in chosen:
             if disk.name not in images:
                 raise InvalidArgument(f"domain {name} has no file-backed disk {disk.name} (it has {', '.join(images)})")
-            targets[disk.number] = images[disk.name][0]
+            targets[disk.number] = images[disk.name]
     else:
         if any(v.name == name for v in _quiet_running_vms()):
             raise InUse(f"VM {name} is running: stop it before restoring its disks")
         saved = {i: d for i, d in enumerate(vm.get("disks", []))}
         for device, disk in chosen:
-            filename = (saved.get(disk.number) or {}).get("filename")
-            if not filename or not os.path.exists(filename):
+            entry = saved.get(disk.number) or {}
+            filename = entry.get("filename")
+            if not filename or filename.startswith("json:") or not os.path.isdir(os.path.dirname(filename)):
                 raise NotFound(
-                    f"the image of disk {device} ({filename or 'unknown'}) is not there: restore the whole VM "
-                    "into a storage directory instead"
+                    f"the image of disk {device} ({filename or 'unknown'}) has no place to go back to: restore "
+                    "the whole VM into a storage directory instead"
                 )
-            targets[disk.number] = filename
+            targets[disk.number] = (filename, None if os.path.exists(filename) else entry.get("driver"))
     done = []
     for device, disk in chosen:
-        path = targets[disk.number]
-        fmt = _qemu_image_format(path)  # also refuses an image a running QEMU holds
+        path, fmt = targets[disk.number]
+        if os.path.exists(path):
+            found = _qemu_image_format(path)  # also refuses an image a running QEMU holds
+            fmt = fmt if fmt in FORMATS else found
+        fmt = fmt if fmt in FORMATS else "raw"
         say(f"restoring disk {disk.number} ({disk.name}) over {path} ({fmt})")
         _restore_image(repository, point, disk.number, path, fmt)
         done.append(DiskIntoVm(device, disk.number, path, fmt))

@@ -540,6 +540,7 @@ def restored_domain_xml(
     *,
     new_identity: bool,
     used_macs: set[str] | None = None,
+    files_dir: str | None = None,
 ) -> tuple[str, list[str]]:
     """The saved (live) XML of a domain, made definable again: (XML, notes).
 
@@ -547,7 +548,9 @@ def restored_domain_xml(
     format and no backing chain; what libvirt only adds while a domain runs (id, aliases, dynamic
     security labels, channel and console paths, tap names, autoport ports) goes. With
     `new_identity` (restoring beside the original) the UUID is dropped (libvirt gives a new one) and
-    every interface gets a new MAC not in `used_macs`.
+    every interface gets a new MAC not in `used_macs`. Files and sockets of character devices (a
+    serial console written to a file, a unix socket it listens on) move into `files_dir`, so the
+    copy never writes the original's.
     """
     root = ET.fromstring(saved_xml)
     notes: list[str] = []
@@ -599,10 +602,18 @@ def restored_domain_xml(
         source = channel.find("source")
         if channel.get("type") == "unix" and source is not None and source.get("mode", "bind") == "bind":
             channel.remove(source)
-    for element in devices.findall("console") + devices.findall("serial"):
-        if element.get("type") == "pty":
-            for source in element.findall("source"):
-                element.remove(source)
+    chardevs = [e for tag in ("serial", "console", "parallel", "channel") for e in devices.findall(tag)]
+    for number, element in enumerate(chardevs):
+        kind = element.get("type")
+        source = element.find("source")
+        if kind == "pty" and source is not None:
+            element.remove(source)
+        elif files_dir is not None and kind in ("file", "unix") and source is not None and source.get("path"):
+            ext = "log" if kind == "file" else "sock"
+            source.set("path", os.path.join(files_dir, f"{name}-{element.tag}{number}.{ext}"))
+        log = element.find("log")
+        if files_dir is not None and log is not None and log.get("file"):
+            log.set("file", os.path.join(files_dir, f"{name}-{element.tag}{number}-log.log"))
     for graphics in devices.findall("graphics"):
         if graphics.get("autoport") == "yes":
             for attr in ("port", "tlsPort", "websocket"):

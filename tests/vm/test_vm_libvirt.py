@@ -322,6 +322,7 @@ LIVE_XML = """<domain type='kvm' id='7'>
       <alias name='net0'/>
     </interface>
     <serial type='pty'><source path='/dev/pts/4'/><target port='0'/><alias name='serial0'/></serial>
+    <serial type='file'><source path='/var/log/vms/web01-console.log'/><target port='1'/></serial>
     <channel type='unix'>
       <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-7-web01/org.qemu.guest_agent.0'/>
       <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>
@@ -346,7 +347,7 @@ def test_restored_domain_xml_beside_the_original() -> None:
     ]
     used: set[str] = set()
     xml, notes = libvirt_domain.restored_domain_xml(
-        LIVE_XML, "web01-restored", disks, new_identity=True, used_macs=used
+        LIVE_XML, "web01-restored", disks, new_identity=True, used_macs=used, files_dir="/srv/restore"
     )
     root = ET.fromstring(xml)
     assert root.get("id") is None and root.findtext("name") == "web01-restored" and root.find("uuid") is None
@@ -363,7 +364,9 @@ def test_restored_domain_xml_beside_the_original() -> None:
     assert nic.find("target") is None and nic.find("source").get("network") == "default"
     assert root.find("./devices/channel/source") is None  # libvirt makes a new channel path
     assert root.find("./devices/channel/target").get("state") is None
-    assert root.find("./devices/serial/source") is None
+    pty, console = root.findall("./devices/serial")
+    assert pty.find("source") is None
+    assert console.find("source").get("path") == "/srv/restore/web01-restored-serial1.log"
     assert root.find("./devices/graphics").get("port") is None  # autoport: a free one at start
     assert notes == []
 
@@ -407,11 +410,13 @@ def test_vm_restore_defines_the_libvirt_domain(libvirt_vm: LibvirtVm, cli: Cli, 
         # single disks: refused into the running original, restored into the stopped copy
         busy = cli.run("vm", "restore", point, "--disk", "vdb")
         assert busy.returncode == 2 and "running" in busy.stderr, busy.stderr
-        before = hashlib.sha256(Path(sources[1]).read_bytes()).hexdigest()
-        Path(sources[1]).write_bytes(b"")  # lost
+        shutil.copy(sources[1], tmp_path / "vdb-before.qcow2")
+        Path(sources[1]).unlink()  # lost
         into = cli.run("vm", "restore", point, "--disk", "vdb", "--into", copy, "--json")
         assert into.returncode == 0, into.stderr
-        assert hashlib.sha256(Path(sources[1]).read_bytes()).hexdigest() == before
+        assert into.json()["disks"][0]["format"] == "qcow2"  # as the domain declares it
+        same = subprocess.run(["qemu-img", "compare", str(tmp_path / "vdb-before.qcow2"), sources[1]])
+        assert same.returncode == 0
         again = cli.run("vm", "restore", point, "--storage", str(tmp_path / "other"), "--name", copy)
         assert again.returncode == 2 and "already has a domain" in again.stderr
     finally:
