@@ -137,8 +137,7 @@ def _index_new_points(c: Context, repo, point_ids: list[str], quiet: bool) -> No
 @vm_app.command("restore")
 @with_hints(
     {
-        NotAVmBackup: "`surepoint restore` restores the disks of a file backup; --as qemu or --as libvirt "
-        "chooses how the VM is recreated",
+        NotAVmBackup: "`surepoint restore` restores the disks of a file backup",
         InUse: "choose another --storage directory or --name, or stop the VM",
     }
 )
