@@ -13,6 +13,7 @@ import typer
 from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json, with_hints
 from surepoint.errors import InUse, NeedsRoot, SurepointError, UsageError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.text import printable
 
 
 def _mount_table(state) -> list[list[str]]:
@@ -24,11 +25,8 @@ def _mount_table(state) -> list[list[str]]:
 
 def _volume_name(volume: dict) -> str:
     if volume.get("volume") == "guest":
-        return (
-            "(guest paths: "
-            + ", ".join(f"{m['mountpoint']} on disk {m['disk']} {m['volume']}" for m in volume.get("mounts", []))
-            + ")"
-        )
+        where = [f"{printable(m['mountpoint'])} on disk {m['disk']} {m['volume']}" for m in volume.get("mounts", [])]
+        return "(guest paths: " + ", ".join(where) + ")"
     return f"disk {volume['disk']} {volume['volume']}"
 
 
@@ -56,10 +54,12 @@ def register(app: typer.Typer) -> None:
         ] = False,
         as_json: JsonOption = False,
     ) -> None:
-        """Mount a restore point read-only: raw disk images, and every partition's filesystem.
+        """Mount a restore point read-only: raw disk images, every filesystem, and the guest's tree.
 
-        DIR/disks/<n>-<name>.raw are the disks; DIR/disk<n>/part<p>/ (or DIR/disk<n>/fs/ for a disk
-        without partition table) the filesystems, mounted read-only without journal replay.
+        DIR/disks/<n>-<name>.raw are the disks; DIR/disk<n>/part<p>/ (DIR/disk<n>/fs/ for a disk
+        without partition table, DIR/disk<n>/lvm-<vg>-<lv>/ for an LVM volume) the filesystems,
+        mounted read-only without journal replay; DIR/guest/ the guest's tree as its /etc/fstab
+        puts the filesystems together.
         Chunks are read on demand from the repository. `surepoint umount DIR` takes it all down.
         """
         from surepoint.jobs.guest_volumes import mount_options
@@ -92,6 +92,19 @@ def register(app: typer.Typer) -> None:
         for row in _mount_table(state):
             table.add_row(*row)
         out.print(table)
+        layout = state.guest.get("layout") or {}
+        if state.guest.get("binds"):
+            where = ", ".join(
+                f"{printable(m['mountpoint'])} = disk{m['disk']}/{m['volume']}" for m in layout.get("mounts", [])
+            )
+            out.print(f"the guest's tree at {state.dir}/guest: {where}")
+        for entry in layout.get("unresolved", []):
+            err.print(
+                f"  guest mount point {printable(entry['mountpoint'])} ({printable(entry['spec'])}) not shown: "
+                f"{printable(entry['reason'])}"
+            )
+        if layout.get("note"):
+            err.print(f"  no guest view: {printable(layout['note'])}")
         out.print(f"FUSE server pid {state.pid}, log {state.log_path}; unmount with: surepoint umount {state.dir}")
 
     @app.command()

@@ -51,7 +51,10 @@ def test_restore_files_with_guest_paths_and_mount_guest_view(mcli, tmp_path: Pat
 
     where = tmp_path / "mnt"
     where.mkdir()
-    state = mcli.run("mount", guest_point, str(where), "--json", check=True).json()
+    shown = mcli.run("mount", guest_point, str(where), check=True)
+    assert f"the guest's tree at {where}/guest: / = disk0/part1, /data = disk1/fs" in shown.stdout
+    assert "/gone (UUID=0badc0de-0000-4000-8000-000000000000) not shown: no filesystem with UUID" in shown.stderr
+    [state] = mcli.run("mounts", "--json", check=True).json()
     try:
         layout = {m["mountpoint"]: (m["disk"], m["volume"]) for m in state["guest"]["layout"]["mounts"]}
         assert layout == {
