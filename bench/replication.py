@@ -5,8 +5,9 @@
 
 As root. Boots the cached test VM (scripts/build-test-vm, tests/vm/conftest.py), makes a first
 (full) replica with `surepoint replicate vm`, then for each N: the guest writes N MiB of random
-data to /data (dd, fsync), and one cycle is timed. With --ssh, the cycles go through `ssh
-root@127.0.0.1` (needs a key that logs in there: SUREPOINT_SSH_COMMAND as for ssh:// repositories).
+data to /root/bench.bin (dd, fsync; the file is rewritten each time), and one cycle is timed; last,
+one checksum-compare cycle (--full). With --ssh, the cycles go to ssh://root@127.0.0.1:PORT/...,
+a private sshd on a free port (tests/remote/sshd.py).
 Results are printed and written to bench/results/replication-<timestamp>.json.
 """
 
@@ -66,7 +67,14 @@ def main() -> None:
         make_overlay(vm_cache() / f"{name}.qcow2", path)
     vm = TestVm(workdir=work / "vm", accel=choose_accel(), disks=disks, name=f"surepoint-repl-bench-{os.getpid()}")
     site = str(work / "site")
-    target = f"ssh://root@127.0.0.1{site}" if args.ssh else site
+    target = site
+    sshd = None
+    if args.ssh:
+        from tests.remote.sshd import start_sshd
+
+        server, sshd = start_sshd(work / "sshd")
+        os.environ.update(server.env())
+        target = server.url(site)
     results: dict = {"target": "ssh" if args.ssh else "local", "accel": vm.accel, "cycles": []}
     vm.start(timeout=600)
     try:
@@ -76,7 +84,7 @@ def main() -> None:
         for mib in sizes:
             if mib:
                 vm.run(
-                    ["dd", "if=/dev/urandom", "of=/data/bench.bin", "bs=1M", f"count={mib}", "conv=fsync"],
+                    ["dd", "if=/dev/urandom", "of=/root/bench.bin", "bs=1M", f"count={mib}", "conv=fsync"],
                     timeout=600,
                 )
             seconds, result = cycle(vm, target, [])
@@ -91,6 +99,10 @@ def main() -> None:
         print(f"checksum-compare cycle: {seconds:.1f} s, sent {compare['sent_bytes'] / MiB:.1f} MiB")
     finally:
         vm.stop()
+        if sshd is not None:
+            from tests.remote.sshd import stop_sshd
+
+            stop_sshd(sshd)
     out = HERE / "results" / f"replication-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

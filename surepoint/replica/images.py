@@ -64,3 +64,8 @@ def rebase_safe(overlay: str, backing: str) -> None:
     """Point the overlay at another backing file in its chain, first copying into it whatever the
     files between them held, so it reads the same (interrupted, it still does: the pointer moves last)."""
     _qemu_img(["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay], f"rebase {overlay}")
+
+
+def convert_from_raw(raw: str, path: str) -> None:
+    """A thin qcow2 at `path` with the contents of a raw image (zero blocks left unallocated)."""
+    _qemu_img(["convert", "-q", "-f", "raw", "-O", "qcow2", raw, path], f"convert {raw}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -134,15 +133,7 @@ class ReplicaSession:
         self.daemon = None
         path = os.path.join(replica.path, self.files[device])
         os.unlink(path)
-        try:
-            subprocess.run(
-                ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw_image, path],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-        except subprocess.CalledProcessError as exc:
-            raise ReplicaWriteError(f"seeding {device}: {exc.stderr.strip()}") from None
+        images.convert_from_raw(raw_image, path)
         self.daemon = StorageDaemon({d: os.path.join(replica.path, rel) for d, rel in self.files.items()})
 
     def checksums(self, device: str, offset: int, length: int, block: int) -> bytes:

@@ -220,6 +220,28 @@ def test_replication_over_ssh(test_vm, shared, sshd) -> None:  # noqa: F811 - th
     assert listed[0]["points"][-1]["id"] == vm["point"]
 
 
+def test_missing_bitmap_falls_back_to_checksums(test_vm, shared, tmp_path: Path) -> None:
+    cli, target, writer = shared["cli"], shared["target"], shared["writer"]
+    bitmaps = replica_bitmaps(test_vm)
+    with test_vm.qmp() as qmp:  # as if the VM had been restarted from disks that cannot keep bitmaps
+        for node, names in bitmaps.items():
+            for name in names:
+                qmp.execute("block-dirty-bitmap-remove", node=node, name=name)
+    before = writer.count()
+    vm = replicate(cli, test_vm, str(target))
+    after = writer.count()
+    assert vm["cbt"] == "checksum compare", vm
+    assert any("is missing" in note and "comparing checksums" in note for note in vm["notes"]), vm["notes"]
+    assert vm["compared_bytes"] == sum(
+        d["virtual_size"] for d in record(replica_dir(target, test_vm))["source"]["disks"]
+    )
+    assert vm["sent_bytes"] < 24 * MiB, vm  # what differs, not the disks
+    point = record(replica_dir(target, test_vm))["points"][-1]
+    assert before <= records_in(replica_dir(target, test_vm), point, tmp_path) <= after
+    # and the chain goes on from the new point's bitmap
+    assert replicate(cli, test_vm, str(target))["cbt"] == "dirty bitmap"
+
+
 def test_killed_cycle_leaves_the_last_point_and_the_next_completes(test_vm, shared, tmp_path: Path) -> None:
     cli, target = shared["cli"], shared["target"]
     replica = replica_dir(target, test_vm)
