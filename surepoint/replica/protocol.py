@@ -183,12 +183,16 @@ class Connection:
         detail = "; ".join(self._stderr) or f"ssh exited with status {self.proc.returncode}"
         return ReplicaTransportError(f"{what} {self.location}: {detail}")
 
+    def _failure(self) -> str:
+        # ssh that could not connect may be gone before the first request is even written
+        return "lost the connection to" if self._answered else "cannot reach the replica's host at"
+
     def send(self, header: dict[str, Any], body: bytes = b"") -> None:
         try:
             assert self.proc.stdin is not None
             write_message(self.proc.stdin, header, body)
         except (OSError, ValueError):
-            raise self._lost("lost the connection to") from None
+            raise self._lost(self._failure()) from None
 
     def call(self, header: dict[str, Any], body: bytes = b"") -> tuple[dict[str, Any], bytes]:
         self.send(header, body)
@@ -196,8 +200,7 @@ class Connection:
             assert self.proc.stdout is not None
             reply, data = read_message(self.proc.stdout)
         except (EOFError, ProtocolError, OSError, ValueError):
-            what = "lost the connection to" if self._answered else "cannot reach the replica's host at"
-            raise self._lost(what) from None
+            raise self._lost(self._failure()) from None
         self._answered = True
         if reply.get("ok"):
             return reply, data
