@@ -60,11 +60,13 @@ def _text(name: str) -> str:
 
 def _content_digest(repository: Repository, point: RestorePoint, disk: int, volume: Volume) -> str:
     index = repository.load_index(point, disk)
-    first = volume.offset // index.chunk_size
-    last = (volume.offset + max(volume.size, 1) - 1) // index.chunk_size
-    digest = hashlib.sha256(f"{index.chunk_size}:{volume.offset}:{volume.size}:".encode())
-    for chunk_id in index.ids[first : last + 1]:
-        digest.update(chunk_id)
+    digest = hashlib.sha256(f"{index.chunk_size}:".encode())
+    for offset, size in volume.pieces or [(volume.offset, volume.size)]:
+        first = offset // index.chunk_size
+        last = (offset + max(size, 1) - 1) // index.chunk_size
+        digest.update(f"{offset}:{size}:".encode())
+        for chunk_id in index.ids[first : last + 1]:
+            digest.update(chunk_id)
     return digest.hexdigest()
 
 

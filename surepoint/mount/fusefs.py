@@ -6,6 +6,7 @@ Layout (DIR is the FUSE mount itself):
     DIR/disk<n>/part<p>/            mountpoint of partition p of disk n (filled by a loop mount)
     DIR/disk<n>/fs/                 mountpoint of a whole-disk filesystem (no partition table)
     DIR/disk<n>/lvm-<vg>-<lv>/      mountpoint of an LVM logical volume
+    DIR/disks/<n>-lvm-<vg>-<lv>.raw a logical volume made of several pieces of disk n, put together
     DIR/guest/                      mountpoint of the guest's tree (surepoint.mount.guest)
 
 Built on mfusepy (ctypes over libfuse 3, multi-threaded): see docs/mount.md for why.
@@ -46,11 +47,34 @@ def safe_name(name: str) -> str:
     return cleaned.lstrip(".") or "disk"
 
 
+class PiecesReader:
+    """Reads of a volume made of byte ranges (pieces) of one disk, in order, as one image."""
+
+    def __init__(self, reader: DiskReader, pieces: list[tuple[int, int]]) -> None:
+        self.reader = reader
+        self.pieces = list(pieces)
+        self.size = sum(length for _offset, length in pieces)
+
+    def read(self, offset: int, size: int) -> bytes:
+        out = bytearray()
+        start = 0
+        for piece_offset, length in self.pieces:
+            lo, hi = max(offset, start), min(offset + size, start + length)
+            if lo < hi:
+                out += self.reader.read(piece_offset + lo - start, hi - lo)
+            start += length
+        return bytes(out)
+
+    def describe(self) -> str:
+        return self.reader.describe() + f" (a volume of {len(self.pieces)} pieces)"
+
+
 @dataclass
 class DiskView:
     number: int
     reader: DiskReader
     volumes: list[str] = field(default_factory=list)  # mountpoint directory names under disk<n>/
+    composed: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # volume -> pieces of this disk
 
     @property
     def image_name(self) -> str:
@@ -69,21 +93,39 @@ def volume_path(mountpoint: str, view: DiskView, volume: str) -> str:
     return os.path.join(mountpoint, view.dir_name, volume)
 
 
+def composed_name(view: DiskView, volume: str) -> str:
+    return f"{view.number}-{volume}.raw"
+
+
+def composed_path(mountpoint: str, view: DiskView, volume: str) -> str:
+    return os.path.join(mountpoint, "disks", composed_name(view, volume))
+
+
+@dataclass
+class _Image:
+    """A file under disks/: a disk, or a volume put together from pieces of one."""
+
+    reader: DiskReader | PiecesReader
+
+
 def build_operations(views: list[DiskView], created_ns: int, on_ready: Callable[[], None]):
     """The mfusepy Operations object serving `views`; `on_ready` runs once the kernel talks to us."""
     fuse = load_mfusepy()
-    images = {f"/disks/{v.image_name}": v for v in views}
+    images: dict[str, _Image] = {f"/disks/{v.image_name}": _Image(v.reader) for v in views}
+    for v in views:
+        for volume, pieces in v.composed.items():
+            images[f"/disks/{composed_name(v, volume)}"] = _Image(PiecesReader(v.reader, pieces))
     dirs: dict[str, list[str]] = {
         "/": ["disks", GUEST_DIR] + [v.dir_name for v in views],
-        "/disks": [v.image_name for v in views],
+        "/disks": [name.removeprefix("/disks/") for name in images],
         f"/{GUEST_DIR}": [],
     }
     for v in views:
         dirs[f"/{v.dir_name}"] = list(v.volumes)
         for volume in v.volumes:
             dirs[f"/{v.dir_name}/{volume}"] = []
-    by_fh = {i + 1: v for i, v in enumerate(views)}
-    fh_of = {id(v): i + 1 for i, v in enumerate(views)}
+    by_fh = {i + 1: image for i, image in enumerate(images.values())}
+    fh_of = {id(image): i + 1 for i, image in enumerate(images.values())}
 
     class RestorePointFs(fuse.Operations):
         use_ns = True
@@ -151,7 +193,7 @@ def build_operations(views: list[DiskView], created_ns: int, on_ready: Callable[
             return 0
 
         def statfs(self, path: str) -> dict:
-            total = sum(v.reader.size for v in views)
+            total = sum(image.reader.size for image in images.values())
             return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": total // 4096, "f_namemax": 255}
 
         def access(self, path: str, amode: int) -> int:

@@ -23,7 +23,7 @@ from datetime import datetime
 
 from surepoint.errors import InUse, InvalidArgument, NeedsRoot, RepositoryLocked, SurepointError
 from surepoint.mount import fusefs
-from surepoint.mount.fusefs import GUEST_DIR, DiskView, image_path, volume_path
+from surepoint.mount.fusefs import GUEST_DIR, DiskView, composed_path, image_path, volume_path
 from surepoint.mount.guest import guest_layout
 from surepoint.mount.partitions import PartitionTable, read_partition_table
 from surepoint.mount.reader import (
@@ -88,6 +88,7 @@ class Volume:
     partuuid: str = ""
     partlabel: str = ""
     lv: str = ""  # "vg/lv" of a logical volume
+    pieces: list[tuple[int, int]] | None = None  # a volume in several pieces: served as one FUSE image
 
 
 def check_no_exclusive_lock(repository: Repository) -> None:
@@ -113,7 +114,8 @@ def plan_logical_volumes(
     say: Callable[[str], None],
     where: str,
 ) -> list[Volume]:
-    """The LVM logical volumes inside `volumes` that can be loop-mounted (one contiguous piece)."""
+    """The LVM logical volumes inside `volumes` that can be loop-mounted: one piece (a loop device at its
+    offset) or several (a loop device on a FUSE image that puts them together)."""
     try:
         found = finder(read, size, [(v.offset, v.size) for v in volumes])
     except ChunkReadError as exc:
@@ -123,8 +125,8 @@ def plan_logical_volumes(
     taken = {v.name for v in volumes}
     for lv_name, pieces, reason in found:
         label = printable(lv_name)
-        if not reason and len(pieces) != 1:
-            reason = f"made of {len(pieces)} separate pieces (not mounted)"
+        if not reason and not pieces:
+            reason = "has no extents"
         if reason:
             say(f"{where}: logical volume {label}: {reason}")
             continue
@@ -133,8 +135,13 @@ def plan_logical_volumes(
         while name in taken:
             name, n = f"{base}-{n}", n + 1
         taken.add(name)
-        offset, length = pieces[0]
-        result.append(Volume(name, offset, length, None, f"logical volume {label}", lv=lv_name))
+        if len(pieces) == 1:
+            offset, length = pieces[0]
+            result.append(Volume(name, offset, length, None, f"logical volume {label}", lv=lv_name))
+        else:
+            total = sum(length for _offset, length in pieces)
+            described = f"logical volume {label} ({len(pieces)} pieces)"
+            result.append(Volume(name, 0, total, None, described, lv=lv_name, pieces=list(pieces)))
     return result
 
 
@@ -193,6 +200,7 @@ def mount_restore_point(
                 )
             plans[view.number] = plan
             view.volumes = [v.name for v in plan]
+            view.composed = {v.name: v.pieces for v in plan if v.pieces}
     del probe_cache
 
     state = MountState(
@@ -264,6 +272,7 @@ def _start_server(
     fusefs.load_mfusepy()  # fail here, in the command, when libfuse 3 is missing
     created_ns = int(datetime.fromisoformat(point.created.replace("Z", "+00:00")).timestamp() * 1e9)
     volumes = {v.number: list(v.volumes) for v in views}
+    composed = {v.number: dict(v.composed) for v in views}
     sys.stdout.flush()
     sys.stderr.flush()
     read_fd, write_fd = os.pipe()
@@ -279,6 +288,7 @@ def _start_server(
             server_views = _views(repository, point, cache, prefetcher, options.readahead_chunks, log.error)
             for v in server_views:
                 v.volumes = volumes[v.number]
+                v.composed = composed[v.number]
 
             def ready() -> None:
                 log.info("serving restore point %s (%s) at %s", point.id, point.name, state.dir)
@@ -380,7 +390,7 @@ def _log_tail(path: str, lines: int = 5) -> str:
 
 
 def _mount_volume(state: MountState, view: DiskView, volume: Volume, say: Callable[[str], None]) -> None:
-    image = image_path(state.dir, view)
+    image = composed_path(state.dir, view, volume.name) if volume.pieces else image_path(state.dir, view)
     where = f"disk {view.number} {volume.name}"
     proc = run(
         ["losetup", "-r", "-f", "--show", "-o", str(volume.offset), "--sizelimit", str(volume.size), image],

@@ -1,7 +1,8 @@
 """Disk images of a small "guest" for the guest-path and file-index tests, built without booting:
 
 disk 0 (GPT): partition 1 ext4 root (its /etc/fstab below), partition 2 an LVM physical volume
-               (volume group `vg-guest`) with logical volumes `srv` and `home` (ext4);
+               (volume group `vg-guest`) with logical volumes `srv` (in two pieces: extended
+               after `home` was made) and `home` (ext4);
 disk 1:        a whole-disk ext4 labelled `appdata`, mounted by the guest at /data.
 
 The LVM metadata is written by the real lvm tools with activation off (this kernel may have no
@@ -49,7 +50,7 @@ def fstab(root_partuuid: str) -> str:
 class GuestDisks:
     disk0: Path
     disk1: Path
-    pieces: dict[str, tuple[int, int]]  # filesystem -> (offset in its disk image, size)
+    pieces: dict[str, list[tuple[int, int]]]  # filesystem -> [(offset in its disk image, size)...]
     root_partuuid: str
 
 
@@ -105,8 +106,9 @@ def build(tmp: Path, *, root_files: dict[str, bytes], data_files: dict[str, byte
     with _loop(disk0, pv_start, pv_size) as device:
         _lvm(device, "pvcreate", "-q", device)
         _lvm(device, "vgcreate", "-q", VG, device)
-        for name, size in (("srv", "32M"), ("home", "16M")):
+        for name, size in (("srv", "16M"), ("home", "16M")):
             _lvm(device, "lvcreate", "-q", "-an", "-Zn", "-L", size, "-n", name, VG)
+        _lvm(device, "lvextend", "-q", "-L", "+16M", f"{VG}/srv")  # a second piece, after home
         report = json.loads(
             _lvm(device, "lvs", "--reportformat", "json", "-o", "lv_name,seg_pe_ranges", "--segments", VG)
         )["report"][0]
@@ -114,10 +116,12 @@ def build(tmp: Path, *, root_files: dict[str, bytes], data_files: dict[str, byte
         extent = int(
             _lvm(device, "vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_extent_size", VG).split()[0]
         )
-    pieces = {"root": (root_start, root_size)}
+    pieces: dict[str, list[tuple[int, int]]] = {"root": [(root_start, root_size)]}
     for row in report.get("seg") or report["lv"]:
         first, last = row["seg_pe_ranges"].rsplit(":", 1)[1].split("-")
-        pieces[row["lv_name"]] = (pv_start + pe_start + int(first) * extent, (int(last) - int(first) + 1) * extent)
+        piece = (pv_start + pe_start + int(first) * extent, (int(last) - int(first) + 1) * extent)
+        pieces.setdefault(row["lv_name"], []).append(piece)
+    assert len(pieces["srv"]) == 2, pieces
     root_tree = _tree(
         tmp / "t-root",
         {"etc/fstab": fstab(partuuid).encode(), **root_files},
@@ -129,14 +133,14 @@ def build(tmp: Path, *, root_files: dict[str, bytes], data_files: dict[str, byte
         "home": _tree(tmp / "t-home", home_files or {"user/notes.txt": b"notes\n"}),
     }
     for name, tree in trees.items():
-        offset, size = pieces[name]
-        image = _ext4(tmp / f"{name}.fs", size, tree, "-U", str(uuid.uuid4()))
+        image = _ext4(tmp / f"{name}.fs", sum(size for _o, size in pieces[name]), tree, "-U", str(uuid.uuid4()))
         with open(image, "rb") as src, open(disk0, "r+b") as dst:
-            dst.seek(offset)
-            shutil.copyfileobj(src, dst, 4 * MiB)
+            for offset, size in pieces[name]:
+                dst.seek(offset)
+                dst.write(src.read(size))
         image.unlink()
     _ext4(disk1, 48 * MiB, _tree(tmp / "t-data", data_files), "-L", "appdata")
-    pieces["data"] = (0, 48 * MiB)
+    pieces["data"] = [(0, 48 * MiB)]
     for tree in [*trees.values(), tmp / "t-data"]:
         shutil.rmtree(tree)
     return GuestDisks(disk0, disk1, pieces, partuuid)
@@ -145,7 +149,7 @@ def build(tmp: Path, *, root_files: dict[str, bytes], data_files: dict[str, byte
 def rewrite_fs(disks: GuestDisks, name: str, files: dict[str, bytes | None], tmp: Path) -> None:
     """Change files of one filesystem in place (None deletes), through a loop mount of its piece."""
     image = disks.disk1 if name == "data" else disks.disk0
-    offset, size = disks.pieces[name]
+    [(offset, size)] = disks.pieces[name]  # a filesystem in one piece
     where = tmp / f"m-{name}"
     where.mkdir(exist_ok=True)
     with _loop(image, offset, size) as device:

@@ -64,6 +64,8 @@ def test_restore_files_with_guest_paths_and_mount_guest_view(mcli, tmp_path: Pat
             "/home": (0, "lvm-vg-guest-home"),
         }
         assert [u["mountpoint"] for u in state["guest"]["layout"]["unresolved"]] == ["/gone"]
+        # srv is in two pieces of the physical volume: served put together as one image
+        assert (where / "disks" / "0-lvm-vg-guest-srv.raw").stat().st_size == 32 << 20
         guest = where / "guest"
         assert (guest / "data" / "app.conf").read_bytes() == DATA["app.conf"]
         assert (guest / "data" / "db" / "big.bin").read_bytes() == DATA["db/big.bin"]
