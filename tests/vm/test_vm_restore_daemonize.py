@@ -81,6 +81,16 @@ def test_daemonizing_vm_restores_and_starts(cli: Cli, tmp_path: Path) -> None:
         [vm] = backup.json()["vms"]
         assert vm["status"] in ("ok", "warning") and vm["consistency"] == "crash", vm  # no guest agent
 
+        for bad, message in (
+            ([], "give --to DIR"),
+            (["--to", str(tmp_path / "x"), "--network", "wifi"], "network 'wifi'"),
+            (["--to", str(tmp_path / "x"), "--as", "xen"], "--as must be libvirt or qemu"),
+            (["--to", str(tmp_path / "x"), "--as", "libvirt"], "has no libvirt domain XML"),
+            (["--disk", "nosuch"], "has no disk 'nosuch'"),
+            (["--disk", "0", "--start"], "--disk restores into an existing VM"),
+        ):
+            refused = cli.run("vm", "restore", f"{name}:latest", *bad)
+            assert refused.returncode == 2 and message in refused.stderr, (bad, refused.stderr)
         result = cli.run("vm", "restore", f"{name}:latest", "--to", str(target), "--start", "--json", timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         restored = result.json()
@@ -97,6 +107,8 @@ def test_daemonizing_vm_restores_and_starts(cli: Cli, tmp_path: Path) -> None:
             assert block["inserted"]["file"] == image
         assert int((target / "qemu.pid").read_text()) == restored_pid
         _stop(target / "qmp.sock", restored_pid)
+        taken = cli.run("vm", "restore", f"{name}:latest", "--to", str(target))
+        assert taken.returncode == 2 and "exists" in taken.stderr  # never over the images of a restore
 
         # the start script daemonizes, as the original did: it returns at once, the VM runs on
         script = (target / "start-vm.sh").read_text()
