@@ -407,6 +407,12 @@ def test_vm_restore_defines_the_libvirt_domain(libvirt_vm: LibvirtVm, cli: Cli, 
         assert sources == [str(storage / f"{copy}-vda.qcow2"), str(storage / f"{copy}-vdb.qcow2")]
         assert all(f"<source file='{s}'" in xml or f'<source file="{s}"' in xml for s in sources), xml
         assert str(libvirt_vm.workdir) not in xml  # nothing of the original's disks
+        # libvirt accepts it and its QEMU opens the restored images (started paused: no second boot)
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        try:
+            assert dom.isActive()
+        finally:
+            dom.destroy()
         # single disks: refused into the running original, restored into the stopped copy
         busy = cli.run("vm", "restore", point, "--disk", "vdb")
         assert busy.returncode == 2 and "running" in busy.stderr, busy.stderr
