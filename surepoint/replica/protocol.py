@@ -233,6 +233,10 @@ def _error(reply: dict[str, Any]) -> SurepointError:
     return error
 
 
+def _results(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in reply.items() if k != "ok"}
+
+
 class RemoteSession:
     """A ReplicaSession on the replica's host, over its own ssh connection."""
 
@@ -242,7 +246,7 @@ class RemoteSession:
 
     def open(self, vm: str, source: dict[str, Any]) -> dict[str, Any]:
         reply, _ = self.conn.call({"op": "hello", "version": VERSION, "name": self.name, "vm": vm, "source": source})
-        return {k: v for k, v in reply.items() if k != "ok"}
+        return _results(reply)
 
     def begin(self, point_id: str, sizes: dict[str, int]) -> None:
         self.conn.call({"op": "begin", "point_id": point_id, "sizes": sizes})
@@ -252,7 +256,7 @@ class RemoteSession:
     ) -> dict[str, Any]:
         """The repository is opened on the replica's host, with the passphrase of its environment."""
         reply, _ = self.conn.call({"op": "seed", "repository": repository, "point": point, "devices": devices})
-        return reply
+        return _results(reply)
 
     def checksums(self, device: str, offset: int, length: int, block: int) -> bytes:
         header = {"op": "checksums", "device": device, "offset": offset, "length": length, "block": block}
@@ -265,8 +269,8 @@ class RemoteSession:
         self.conn.send({"op": "zero", "device": device, "offset": offset, "length": length})
 
     def commit(self, point: dict[str, Any], keep: int) -> dict[str, Any]:
-        reply, _ = self.conn.call({"op": "commit", "point": point, "keep": keep}, b"")
-        return reply
+        reply, _ = self.conn.call({"op": "commit", "point": point, "keep": keep})
+        return _results(reply)
 
     def abort(self) -> None:
         with contextlib.suppress(SurepointError):

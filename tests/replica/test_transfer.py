@@ -208,7 +208,7 @@ def test_target_disk_full(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_seed_from_a_backup_then_send_changes(tmp_path):
+def test_seed_from_a_backup_then_send_changes(site, tmp_path):
     from surepoint import storage
     from surepoint.repo.backup import BackupRequest, run_backup
     from surepoint.repo.repository import Repository
@@ -221,7 +221,6 @@ def test_seed_from_a_backup_then_send_changes(tmp_path):
     backup = MemoryDisk(bytes(disk.data), name="vda")
     point = run_backup(repo, BackupRequest(name="web", sources=[backup], metadata={"vm": {"bitmap": "bm-1"}}))
 
-    site = LocalSite(str(tmp_path / "site"))
     disk.fill(MIB, BLOCK, 2)  # the VM moved on since the backup
     session = site.session("web-replica")
     session.open("web", SOURCE)

@@ -70,6 +70,14 @@ def replica_bitmaps(test_vm) -> dict[str, list[str]]:
         }
 
 
+def remove_bitmaps(test_vm, prefix: str) -> None:
+    with test_vm.qmp() as qmp:
+        for node in qmp.query_named_block_nodes():
+            for bitmap in node.get("dirty-bitmaps", []):
+                if node["node-name"] in test_vm.disks and bitmap.get("name", "").startswith(prefix):
+                    qmp.execute("block-dirty-bitmap-remove", node=node["node-name"], name=bitmap["name"])
+
+
 def view_left(test_vm) -> list:
     with test_vm.qmp() as qmp:
         nodes = [n["node-name"] for n in qmp.query_named_block_nodes() if n["node-name"].startswith("sp-")]
@@ -148,11 +156,7 @@ def shared(test_vm, tmp_path_factory) -> Iterator[dict]:
     finally:
         writer.stop()
         test_vm.run(["rm", "-f", RECORDS])
-        with test_vm.qmp() as qmp:  # this replica's bitmaps go with it
-            for node in qmp.query_named_block_nodes():
-                for bitmap in node.get("dirty-bitmaps", []):
-                    if node["node-name"] in test_vm.disks and bitmap.get("name", "").startswith("surepoint-r"):
-                        qmp.execute("block-dirty-bitmap-remove", node=node["node-name"], name=bitmap["name"])
+        remove_bitmaps(test_vm, "surepoint-r")  # this replica's bitmaps go with it
 
 
 def test_points_hold_clean_prefixes_and_cycles_send_changes(test_vm, shared, tmp_path: Path) -> None:
@@ -188,9 +192,9 @@ def test_points_hold_clean_prefixes_and_cycles_send_changes(test_vm, shared, tmp
     assert all(names == [points[-1]["bitmap"]] for names in replica_bitmaps(test_vm).values())
     assert view_left(test_vm) == []
 
-    listed = cli.run("replica", "list", str(target), "--json", check=True).json()["replicas"]
-    assert [p["id"] for p in listed[0]["points"]] == [p["id"] for p in points]
-    assert {p["consistency"] for p in listed[0]["points"]} == {"filesystem"}
+    (listed,) = cli.run("replica", "list", str(replica), "--json", check=True).json()["replicas"]
+    assert [p["id"] for p in listed["points"]] == [p["id"] for p in points]
+    assert {p["consistency"] for p in listed["points"]} == {"filesystem"}
 
 
 def test_backups_and_replication_alternate_both_incremental(test_vm, shared) -> None:
@@ -210,6 +214,25 @@ def test_backups_and_replication_alternate_both_incremental(test_vm, shared) -> 
     ]
 
 
+def test_seeded_from_a_backup_sends_only_what_changed_since(test_vm, shared, tmp_path: Path) -> None:
+    """After the test above, the repository's latest backup still has its bitmap on the VM."""
+    cli, target, writer = shared["cli"], shared["target"], shared["writer"]
+    (point,) = [p for p in cli.points() if p["name"] == test_vm.name][-1:]
+    before = writer.count()
+    vm = replicate(cli, test_vm, str(target), "--replica-name", "seeded", "--seed-from", f"{cli.repo}:{point['id']}")
+    after = writer.count()
+    assert vm["cbt"] == "dirty bitmap", vm
+    assert any(f"seeded from restore point {point['id']}" in note for note in vm["notes"]), vm["notes"]
+    assert vm["sent_bytes"] < 24 * MiB, vm  # the changes since the backup, not the disks
+    seeded = record(target / "seeded")["points"]
+    assert len(seeded) == 1
+    assert before <= records_in(target / "seeded", seeded[0], tmp_path) <= after
+    # the backup chain was only read: the next backup is still incremental
+    backup = cli.run("vm", "backup", test_vm.name, "--json", timeout=600)
+    assert backup.returncode == 0 and backup.json()["vms"][0]["cbt"] == "dirty bitmap", backup.stdout
+    remove_bitmaps(test_vm, "surepoint-r" + record(target / "seeded")["id"][:12])
+
+
 def test_replication_over_ssh(test_vm, shared, sshd) -> None:  # noqa: F811 - the fixture
     cli, target = shared["cli"], shared["target"]
     url = sshd.url(target)
@@ -217,7 +240,8 @@ def test_replication_over_ssh(test_vm, shared, sshd) -> None:  # noqa: F811 - th
     assert vm["cbt"] == "dirty bitmap", vm
     assert vm["sent_bytes"] < 24 * MiB
     listed = cli.run("replica", "list", url, "--json", env=sshd.env(), check=True).json()["replicas"]
-    assert listed[0]["points"][-1]["id"] == vm["point"]
+    (ours,) = [r for r in listed if r["name"] == f"{test_vm.name}-replica"]
+    assert ours["points"][-1]["id"] == vm["point"]
 
 
 def test_missing_bitmap_falls_back_to_checksums(test_vm, shared, tmp_path: Path) -> None:
