@@ -89,6 +89,7 @@ class Volume:
     partlabel: str = ""
     lv: str = ""  # "vg/lv" of a logical volume
     pieces: list[tuple[int, int]] | None = None  # a volume in several pieces: served as one FUSE image
+    lvm_pv: bool = False  # an LVM physical volume: never given a loop device (see _mount_volume)
 
 
 def check_no_exclusive_lock(repository: Repository) -> None:
@@ -198,6 +199,9 @@ def mount_restore_point(
                 plan += plan_logical_volumes(
                     view.reader.read, view.reader.size, plan, options.logical_volumes, say, f"disk {view.number}"
                 )
+            for volume in plan:
+                if not volume.lv and _has_lvm_label(view.reader.read, volume.offset, volume.size):
+                    volume.lvm_pv = True
             plans[view.number] = plan
             view.volumes = [v.name for v in plan]
             view.composed = {v.name: v.pieces for v in plan if v.pieces}
@@ -389,9 +393,28 @@ def _log_tail(path: str, lines: int = 5) -> str:
         return "no details logged"
 
 
+def _has_lvm_label(read: Callable[[int, int], bytes], offset: int, size: int) -> bool:
+    """An LVM2 label in one of the first four sectors of a volume (only the magic: a hint, no trust)."""
+    try:
+        head = read(offset, min(size, 4 * 512))
+    except ChunkReadError:
+        return False
+    return any(
+        head[n : n + 8] == b"LABELONE" and head[n + 24 : n + 32] == b"LVM2 001" for n in range(0, len(head), 512)
+    )
+
+
 def _mount_volume(state: MountState, view: DiskView, volume: Volume, say: Callable[[str], None]) -> None:
-    image = composed_path(state.dir, view, volume.name) if volume.pieces else image_path(state.dir, view)
     where = f"disk {view.number} {volume.name}"
+    if volume.lvm_pv:
+        # No loop device: the host's udev and LVM would see the guest's volume group on it (and
+        # might activate it). Its logical volumes, when asked for, are mounted on their own.
+        reason = "holds LVM2_member, not a filesystem (its logical volumes are mounted as lvm-*)"
+        state.skipped.append({"disk": view.number, "volume": volume.name, "reason": reason})
+        state.save()
+        say(f"{where}: not mounted: {reason}")
+        return
+    image = composed_path(state.dir, view, volume.name) if volume.pieces else image_path(state.dir, view)
     proc = run(
         ["losetup", "-r", "-f", "--show", "-o", str(volume.offset), "--sizelimit", str(volume.size), image],
         check=False,
