@@ -21,7 +21,7 @@ from rich.text import Text
 from surepoint import storage
 from surepoint.catalog import Catalog, default_catalog_path
 from surepoint.errors import DamagedData, SurepointError, UsageError
-from surepoint.repo.known import check_and_remember
+from surepoint.repo.known import KnownRepositories
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.text import printable
@@ -141,10 +141,8 @@ class Context:
         )
 
     def open_repository(self) -> Repository:
-        repo = Repository.open(storage.open(self.location()), self.passphrase)
-        # refuses a config that lost the encryption this machine saw (repo/known.py)
-        check_and_remember(repo.id, repo.encryption, repo.backend.location)
-        return repo
+        # the config's MAC, and this machine's memory of the repository (repo/known.py), are checked
+        return Repository.open(storage.open(self.location()), self.passphrase, known=KnownRepositories())
 
     def catalog(self) -> Catalog:
         if self._catalog is None:

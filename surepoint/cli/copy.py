@@ -40,11 +40,12 @@ def _source_passphrase(location: str) -> str:
 
 def _open(location: str, passphrase, side: str, where: str):
     from surepoint import storage
+    from surepoint.repo.known import KnownRepositories
     from surepoint.repo.repository import Repository
 
     backend = storage.open(location)
     try:
-        return Repository.open(backend, passphrase)
+        return Repository.open(backend, passphrase, known=KnownRepositories())
     except WrongPassphrase:
         backend.close()
         raise WrongPassphrase(f"wrong passphrase for the {side} repository {location} (from {where})") from None

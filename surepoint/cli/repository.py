@@ -10,6 +10,7 @@ from surepoint import __version__, storage
 from surepoint.cli.common import Context, out, read_passphrase
 from surepoint.errors import UsageError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.repo.known import KnownRepositories
 from surepoint.repo.locks import read_locks, remove_stale_locks
 from surepoint.repo.repository import DEFAULT_CHUNK_SIZE, Repository
 
@@ -50,6 +51,7 @@ def init(
         passphrase=passphrase,
         chunk_size=chunk_size,
         compression_level=compression_level,
+        known=KnownRepositories(),
     )
     out.print(f"created repository {repo.id} at {backend.location} (encryption: {repo.encryption})")
 

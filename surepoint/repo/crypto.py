@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
 from dataclasses import dataclass
 
+import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -90,3 +92,37 @@ def rewrap_keys(record: dict, old_passphrase: str, new_passphrase: str, reposito
     secret = json.dumps({"data": _b64(keys.data), "chunk_id": _b64(keys.chunk_id)}).encode()
     wrapped = CIPHERS[record["cipher"]](_kek(new_passphrase, kdf)).encrypt(nonce, secret, _key_aad(repository_id))
     return {"cipher": record["cipher"], "kdf": kdf, "wrapped_key": _b64(nonce + wrapped)}
+
+
+# The config MAC ---------------------------------------------------------------------------------
+# An encrypted repository's config carries "mac": keyed BLAKE3 over its canonical JSON (every field
+# but "mac", keys sorted, no spaces, ASCII), keyed with a key derived from the data key. Only a
+# holder of the passphrase can make one, so a config edited by whoever can write to the storage
+# (its encryption, chunk size, compression, KDF parameters, id) fails the check.
+class ConfigNotAuthentic(DamagedData):
+    """An encrypted repository's config fails its MAC: someone without the key changed it."""
+
+
+CONFIG_MAC_CONTEXT = "surepoint 2026 repository config mac v1"
+CONFIG_MAC_FIELD = "mac"
+
+
+def canonical_config(config: dict) -> bytes:
+    body = {k: v for k, v in config.items() if k != CONFIG_MAC_FIELD}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def config_mac(keys: Keys, config: dict) -> str:
+    mac_key = blake3.blake3(keys.data, derive_key_context=CONFIG_MAC_CONTEXT).digest()
+    return blake3.blake3(canonical_config(config), key=mac_key).hexdigest()
+
+
+def config_mac_matches(keys: Keys, config: dict) -> bool:
+    stored = config.get(CONFIG_MAC_FIELD)
+    return isinstance(stored, str) and hmac.compare_digest(stored, config_mac(keys, config))
+
+
+def key_record_fingerprint(record: dict | None) -> str:
+    """A short digest of the encryption record (cipher, KDF, wrapped key), for the client's memory."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return blake3.blake3(text.encode()).hexdigest()[:32]

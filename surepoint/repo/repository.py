@@ -15,12 +15,15 @@ from surepoint.errors import (
     NotARepository,
     NotEncrypted,
     RestorePointNotFound,
+    SurepointError,
     UnreadableRestorePoints,
+    WrongPassphrase,
 )
 from surepoint.repo import crypto
 from surepoint.repo.chunks import CHUNK_PREFIX, TRASH_PREFIX, ChunkStore
 from surepoint.repo.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
 from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.known import KnownRepositories
 from surepoint.repo.locks import LOCK_PREFIX
 from surepoint.repo.manifest import RestorePoint, peek_name_and_time
 from surepoint.storage.backend import Backend, ObjectNotFound
@@ -67,7 +70,11 @@ def check_config(config: dict) -> None:
     record = config.get("encryption")
     if record is None:
         return
-    if not isinstance(record, dict) or record.get("cipher") not in crypto.CIPHERS:
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("cipher"), str)
+        or record["cipher"] not in crypto.CIPHERS
+    ):
         raise bad("encryption")
     kdf = record.get("kdf")
     if not isinstance(kdf, dict) or kdf.get("name") != "scrypt":
@@ -84,6 +91,23 @@ def check_config(config: dict) -> None:
             raise bad(f"encryption.{key} too long")
 
 
+def _config_bytes(config: dict) -> bytes:
+    return json.dumps(config, indent=2).encode()
+
+
+def _add_mac(backend: Backend, raw: bytes, config: dict, keys: crypto.Keys) -> dict:
+    """Give a config written before MACs existed its MAC (the key proves the config is the owner's
+    own only as far as the client's memory of its encryption goes; from now on it is authenticated).
+    Written only if the config is still the one read (passwd may be replacing it), and not at all on
+    storage that cannot take it: the next open tries again."""
+    config = dict(config)
+    config[crypto.CONFIG_MAC_FIELD] = crypto.config_mac(keys, config)
+    with contextlib.suppress(SurepointError):
+        if backend.get(CONFIG) == raw:
+            backend.put(CONFIG, _config_bytes(config))
+    return config
+
+
 class Repository:
     def __init__(self, backend: Backend, config: dict, keys: crypto.Keys | None) -> None:
         self.backend = backend
@@ -91,6 +115,7 @@ class Repository:
         self.keys = keys
         self.envelope = Envelope(keys, config.get("compression_level", 3))
         self.chunks = ChunkStore(backend, self.envelope, keys.chunk_id if keys else None)
+        self.known: KnownRepositories | None = None
         self.damaged_manifests: list[str] = []
         self._damaged_hints: dict[str, tuple[str | None, str | None]] = {}
 
@@ -115,6 +140,7 @@ class Repository:
         passphrase: str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int = 3,
+        known: KnownRepositories | None = None,
     ) -> Repository:
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
             raise InvalidRepositoryConfig("chunk size must be a power of two between 64 KiB and 64 MiB")
@@ -132,31 +158,83 @@ class Repository:
         keys = None
         if encryption != "none":
             keys, config["encryption"] = crypto.new_key_record(encryption, passphrase or "", config["id"])
+            config[crypto.CONFIG_MAC_FIELD] = crypto.config_mac(keys, config)
         # Every prefix exists from the start, so writing an object never has to make one durable.
         backend.prepare(LAYOUT_PREFIXES)
-        backend.put(CONFIG, json.dumps(config, indent=2).encode())
-        return cls(backend, config, keys)
+        backend.put(CONFIG, _config_bytes(config))
+        repository = cls(backend, config, keys)
+        repository.known = known
+        repository.remember()
+        return repository
 
     @classmethod
-    def open(cls, backend: Backend, passphrase: Callable[[], str]) -> Repository:
+    def open(
+        cls, backend: Backend, passphrase: Callable[[], str], *, known: KnownRepositories | None = None
+    ) -> Repository:
+        """Open the repository, checking its config; with `known`, against this machine's memory too.
+
+        An encrypted repository's config must carry a MAC that matches (repo/crypto.py). A config
+        written before MACs existed gets one here, on the first open that has the key; once `known`
+        has seen it, a config without one is refused."""
         try:
-            config = json.loads(backend.get(CONFIG))
+            raw = backend.get(CONFIG)
         except ObjectNotFound:
             raise NotARepository(f"{backend.location} is not a surepoint repository (it has no config)") from None
+        try:
+            config = json.loads(raw)
         except ValueError:
-            raise NotARepository(f"{backend.location}: repository config is unreadable") from None
+            config = None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
+            if known is not None and known.knows_location(backend.location):
+                raise DamagedData(f"repository config at {backend.location} is damaged (it is not a surepoint config)")
+            if config is None:
+                raise NotARepository(f"{backend.location}: repository config is unreadable")
             raise NotARepository(f"{backend.location} is not a surepoint repository")
-        if config.get("version") != FORMAT_VERSION:
-            raise NotARepository(f"repository format version {config.get('version')} is not supported")
-        for setting, known in (("digest", "blake3"), ("compression", "zstd")):
-            if config.get(setting, known) != known:
-                raise NotARepository(f"repository {setting} {config.get(setting)!r} is not supported")
+        if known is not None:
+            known.check(config, backend.location)
+        if config.get("version") != FORMAT_VERSION and crypto.CONFIG_MAC_FIELD not in config:
+            raise NotARepository(f"repository format version {config.get('version')!r} is not supported")
         check_config(config)
         keys = None
         if config.get("encryption"):
-            keys = crypto.unwrap_keys(config["encryption"], passphrase(), config["id"])
-        return cls(backend, config, keys)
+            try:
+                keys = crypto.unwrap_keys(config["encryption"], passphrase(), config["id"])
+            except WrongPassphrase:
+                fingerprint = crypto.key_record_fingerprint(config["encryption"])
+                if known is not None and known.key_record_changed(config["id"], fingerprint):
+                    raise crypto.ConfigNotAuthentic(
+                        f"repository config at {backend.location}: its key record does not open with this "
+                        "passphrase and is not the one this machine saw before (it was replaced, or the "
+                        "passphrase was changed elsewhere and the new one is needed)"
+                    ) from None
+                raise
+            if crypto.CONFIG_MAC_FIELD in config:
+                if not crypto.config_mac_matches(keys, config):
+                    raise crypto.ConfigNotAuthentic(
+                        f"repository config at {backend.location} fails authentication (its MAC does not match: "
+                        "a field was changed by someone without the key): refusing it, nothing was written"
+                    )
+            else:
+                config = _add_mac(backend, raw, config, keys)
+        for setting, value in (("version", FORMAT_VERSION), ("digest", "blake3"), ("compression", "zstd")):
+            if config.get(setting, value) != value:
+                what = "format version" if setting == "version" else setting
+                raise NotARepository(f"repository {what} {config.get(setting)!r} is not supported")
+        repository = cls(backend, config, keys)
+        repository.known = known
+        repository.remember()
+        return repository
+
+    def remember(self) -> None:
+        """Note in this machine's memory (if the repository was opened with one) what its config is now."""
+        if self.known is not None:
+            self.known.remember(
+                self.id,
+                encryption=self.encryption,
+                location=self.backend.location,
+                mac=crypto.CONFIG_MAC_FIELD in self.config,
+                key_record=crypto.key_record_fingerprint(self.config.get("encryption")),
+            )
 
     def change_passphrase(self, old_passphrase: str, new_passphrase: str) -> None:
         """Rewrap the repository keys; the config is replaced atomically, nothing else is touched."""
@@ -164,8 +242,10 @@ class Repository:
             raise NotEncrypted("this repository is not encrypted: it has no passphrase")
         config = dict(self.config)
         config["encryption"] = crypto.rewrap_keys(config["encryption"], old_passphrase, new_passphrase, self.id)
-        self.backend.put(CONFIG, json.dumps(config, indent=2).encode())
+        config[crypto.CONFIG_MAC_FIELD] = crypto.config_mac(self.keys, config)
+        self.backend.put(CONFIG, _config_bytes(config))
         self.config = config
+        self.remember()
 
     # restore points -------------------------------------------------------------------------
 
