@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--replica-of",
-                help="PostgreSQL: come back as a standby streaming from this primary (a conninfo string).",
+                help="Come back as a replica of this primary and catch up: PostgreSQL a conninfo string, MariaDB "
+                "'host=H port=P user=U password_file=F' (GTID replication).",
             ),
         ] = None,
         overwrite: Annotated[

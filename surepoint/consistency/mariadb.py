@@ -70,6 +70,12 @@ class MariaDBWriter(Writer):
             rows = self._ask("SHOW MASTER STATUS;")
             if rows:
                 self.metadata.update(binlog_file=rows[0][0], binlog_position=int(rows[0][1]))
+        # where a replica restored from this point starts: what it applied as a replica, or, restored from
+        # a primary's point, what the primary had written (restore_mariadb.py)
+        gtid = self._ask("SELECT @@gtid_binlog_pos, @@gtid_slave_pos;")
+        if gtid:
+            row = gtid[0] + ["", ""]
+            self.metadata.update(gtid_binlog_pos=row[0], gtid_slave_pos=row[1])
 
     def thaw(self) -> None:
         if getattr(self, "_locked", False):

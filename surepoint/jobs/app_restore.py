@@ -44,7 +44,7 @@ class AppRestoreOptions:
     os_user: str | None = None
     start: bool = True
     archive: bool = True
-    replica_of: str | None = None  # PostgreSQL: restore as a standby of this primary (conninfo)
+    replica_of: str | None = None  # restore as a replica of this primary (PostgreSQL conninfo, MariaDB host=...)
     overwrite: bool = False
     timeout: float = 300.0
     vm: str | None = None  # restore inside this running VM, through its guest agent
@@ -237,9 +237,10 @@ def restore_application(
         raise InvalidArgument(f"no restore rules for {options.writer!r}; known: {', '.join(sorted(RESTORE_WRITERS))}")
     if options.at is not None and not writer_class.supports_point_in_time:
         raise InvalidArgument(f"{options.writer} keeps no log history: a point in time cannot be restored")
-    if options.replica_of and (options.writer != "postgresql" or options.at is not None):
+    if options.replica_of and (options.writer == "sqlite" or options.at is not None):
         raise InvalidArgument(
-            "a restore as a replica is for PostgreSQL, without a point in time (it streams to the present)"
+            "a restore as a replica is for PostgreSQL and MariaDB, without a point in time (it follows the primary "
+            "to the present)"
         )
     if options.vm and (options.replica_of or options.port or options.socket or options.os_user):
         raise InvalidArgument(

@@ -313,12 +313,13 @@ class MariaDB:
             timeout=180,
         )  # fmt: skip
 
-    def start(self) -> None:
+    def start(self, server_id: int = 1) -> None:
         argv = [
             "mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}",
             f"--port={self.port}", "--bind-address=127.0.0.1", "--user=mysql", f"--pid-file={self.pid_file}",
-            f"--log-error={self.log}", "--log-bin=mysql-bin", "--server-id=1", "--innodb-buffer-pool-size=32M",
-            "--skip-name-resolve", "--innodb-flush-log-at-trx-commit=1", "--sync-binlog=1",
+            f"--log-error={self.log}", "--log-bin=mysql-bin", f"--server-id={server_id}",
+            "--innodb-buffer-pool-size=32M", "--skip-name-resolve", "--innodb-flush-log-at-trx-commit=1",
+            "--sync-binlog=1",
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.work.defer(self.stop)
