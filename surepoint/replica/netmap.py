@@ -2,10 +2,9 @@
 
 A rule names a backend of the saved command line by its `-netdev` id (or `*` for all) and where it
 goes: `bridge:NAME` (QEMU's bridge helper puts a tap on that bridge), `tap:NAME` (an existing tap),
-`user` (user-mode networking), or `none` (the NIC stays in the guest, cable unplugged: a hub port
-with nothing else on the hub). The guest's NICs keep their device model, PCI address and MAC, so
-the guest sees the same interfaces; only what is behind them changes. Backends no rule names are
-kept as they are.
+`user` (user-mode networking), or `none` (the NIC stays in the guest with no backend: unplugged).
+The guest's NICs keep their device model, PCI address and MAC, so the guest sees the same
+interfaces; only what is behind them changes. Backends no rule names are kept as they are.
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ import json
 from dataclasses import dataclass
 
 from surepoint.errors import InvalidArgument
+from surepoint.vm.command_line import NetworkMap, rewrite_network, split_options
 
 KINDS = ("none", "user", "bridge", "tap")
-HUB_BASE = 900  # hub ids of unplugged NICs: one hub each, far above what a command line would use
 
 
 @dataclass(frozen=True)
@@ -45,56 +44,65 @@ class NetworkRule:
 
 
 def apply_network(argv: list[str], rules: list[NetworkRule]) -> list[str]:
-    """`argv` with each `-netdev` a rule names replaced by the rule's backend (same id).
+    """`argv` with each `-netdev` a rule names (and the NIC that uses it) put on the rule's network.
 
+    Each backend is rewritten by surepoint.vm.command_line (the one rewriter of saved command lines)
+    on its own, with its NIC, so that different backends can go to different networks; MACs are kept.
     InvalidArgument when a rule names a netdev id the command line does not have.
     """
     if not rules:
         return list(argv)
-    out = list(argv)
-    seen: set[str] = set()
-    hub = HUB_BASE
+    netdevs: dict[str, int] = {}  # id -> index of the -netdev flag
+    nics: dict[str, int] = {}  # netdev id -> index of the -device flag using it
     for i in range(len(argv) - 1):
-        if argv[i] not in ("-netdev", "--netdev"):
-            continue
-        value = argv[i + 1]
-        netdev_id = _netdev_id(value)
+        flag = argv[i][1:] if argv[i].startswith("--") else argv[i]
+        if flag == "-netdev":
+            netdevs[_option(argv[i + 1], "id")] = i
+        elif flag == "-device" and (netdev := _option(argv[i + 1], "netdev")):
+            nics[netdev] = i
+    unknown = sorted({r.netdev for r in rules if r.netdev != "*"} - set(netdevs))
+    if unknown:
+        raise InvalidArgument(f"the saved command line has no network backend (-netdev) with id {', '.join(unknown)}")
+    replaced: dict[int, list[str]] = {}
+    taps: dict[str, str] = {}  # tap:NAME -> the backend it went to (a tap takes one)
+    for netdev_id, i in netdevs.items():
         rule = next((r for r in rules if r.netdev == netdev_id), None) or next(
             (r for r in rules if r.netdev == "*"), None
         )
         if rule is None:
             continue
-        seen.add(netdev_id)
-        out[i + 1] = _backend(rule.to, netdev_id, hub, json_form=value.lstrip().startswith("{"))
-        hub += rule.to == "none"
-    unknown = sorted({r.netdev for r in rules if r.netdev != "*"} - seen)
-    if unknown:
-        raise InvalidArgument(f"the saved command line has no network backend (-netdev) with id {', '.join(unknown)}")
+        if rule.to.startswith("tap:"):
+            if rule.to in taps:
+                raise InvalidArgument(f"{rule.to} is given to two network backends ({taps[rule.to]}, {netdev_id})")
+            taps[rule.to] = netdev_id
+        j = nics.get(netdev_id)
+        alone = [argv[i], argv[i + 1], *([argv[j], argv[j + 1]] if j is not None else []), "-nodefaults"]
+        new = rewrite_network(alone, NetworkMap.parse(rule.to), set(), macs="keep").argv
+        pairs = [(new[k], new[k + 1]) for k in range(0, len(new) - 1, 2) if new[k] != "-nodefaults"]
+        replaced[i] = [w for flag, value in pairs if flag.lstrip("-") == "netdev" for w in (flag, value)]
+        if j is not None:
+            replaced[j] = [w for flag, value in pairs if flag.lstrip("-") == "device" for w in (flag, value)]
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if i in replaced:
+            out += replaced[i]
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
     return out
 
 
-def _netdev_id(value: str) -> str:
+def _option(value: str, key: str) -> str:
+    """One option of a -netdev/-device value (key=value or JSON), '' when absent."""
     if value.lstrip().startswith("{"):
         try:
-            return str(json.loads(value).get("id", ""))
+            found = json.loads(value).get(key, "")
         except (json.JSONDecodeError, AttributeError):
-            raise InvalidArgument(f"the saved command line has an invalid JSON -netdev ({value})") from None
-    for part in value.replace(",,", "\0").split(","):
-        if part.startswith("id="):
-            return part[3:].replace("\0", ",")
-    raise InvalidArgument(f"the saved command line has a -netdev without id ({value})")
-
-
-def _backend(to: str, netdev_id: str, hub: int, *, json_form: bool) -> str:
-    kind, _, arg = to.partition(":")
-    fields: dict[str, object] = {"type": kind, "id": netdev_id}
-    if kind == "none":
-        fields = {"type": "hubport", "id": netdev_id, "hubid": hub}
-    elif kind == "bridge":
-        fields["br"] = arg
-    elif kind == "tap":
-        fields.update(ifname=arg, script="no", downscript="no")
-    if json_form:
-        return json.dumps(fields)
-    kind_word = fields.pop("type")
-    return ",".join([str(kind_word), *(f"{k}={str(v).replace(',', ',,')}" for k, v in fields.items())])
+            raise InvalidArgument(f"the saved command line has an invalid JSON option ({value})") from None
+        return found if isinstance(found, str) else ""
+    for part in split_options(value):
+        if part.startswith(f"{key}="):
+            return part[len(key) + 1 :].replace(",,", ",")
+    return ""

@@ -149,13 +149,26 @@ def test_the_command_line_runs_on_the_overlays_with_its_own_sockets(tmp_path):
 
 
 def test_network_mapping(tmp_path):
-    argv = ["qemu", "-netdev", "user,id=net0,hostfwd=tcp::2222-:22", "-device", "virtio-net-pci,netdev=net0"]
-    argv += ["-netdev", '{"type": "tap", "id": "net1", "fd": "3"}', "-device", "e1000,netdev=net1"]
+    argv = ["qemu", "-netdev", "user,id=net0,hostfwd=tcp::2222-:22"]
+    argv += ["-device", "virtio-net-pci,netdev=net0,addr=0x3,mac=52:54:00:00:00:01"]
+    argv += ["-netdev", '{"type": "tap", "id": "net1", "fd": "3"}', "-device", "e1000,netdev=net1", "-m", "1024"]
     mapped = apply_network(argv, [NetworkRule.parse("net0=bridge:br-dr"), NetworkRule.parse("net1=none")])
-    assert mapped[2] == "bridge,id=net0,br=br-dr"
-    assert json.loads(mapped[6]) == {"type": "hubport", "id": "net1", "hubid": 900}
-    assert mapped[4] == argv[4] and mapped[8] == argv[8]  # the NICs stay as they are
-    assert apply_network(argv, [NetworkRule.parse("tap:tap7")])[2] == "tap,id=net0,ifname=tap7,script=no,downscript=no"
+    assert mapped == [
+        "qemu",
+        "-netdev",
+        "bridge,id=net0,br=br-dr",
+        "-device",
+        "virtio-net-pci,netdev=net0,addr=0x3,mac=52:54:00:00:00:01",  # the NIC as it was
+        "-device",
+        "e1000",  # unplugged: no backend
+        "-m",
+        "1024",
+    ]
+    one = apply_network(argv, [NetworkRule.parse("net0=tap:tap7")])
+    assert one[2] == "tap,id=net0,ifname=tap7,script=no,downscript=no" and one[5:] == argv[5:]
+    assert json.loads(apply_network(argv, [NetworkRule.parse("user")])[6]) == {"type": "user", "id": "net1"}
+    with pytest.raises(InvalidArgument, match="two network backends"):
+        apply_network(argv, [NetworkRule.parse("tap:tap7")])
     with pytest.raises(InvalidArgument, match="net9"):
         apply_network(argv, [NetworkRule.parse("net9=user")])
     with pytest.raises(InvalidArgument):

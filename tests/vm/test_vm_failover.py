@@ -27,6 +27,7 @@ import pytest
 from surepoint.processes import process_alive
 from surepoint.vm.guest_agent import GuestAgent
 from tests.conftest import Cli
+from tests.vm.conftest import TEST_VM_MAC
 from tests.vm.test_vm_backup import RECORD_WRITER, check_records
 
 pytestmark = [pytest.mark.kvm]
@@ -171,7 +172,8 @@ def scenario(test_vm, tmp_path: Path, cli: Cli, target: Path, figures: dict, wri
     entry = json.loads((replica / "replica.json").read_text())["failover"]
     figures["failover_boot_seconds"] = entry["boot_seconds"]
     assert entry["name"] == f"{test_vm.name}-replica" and entry["guest_agent"] != test_vm.qga_path
-    assert "hubport,id=net0,hubid=900" in entry["argv"]
+    assert "-netdev" not in entry["argv"]  # net0 unplugged: the NIC stays, with no backend
+    assert f"virtio-net-pci,addr=0x3,mac={TEST_VM_MAC}" in entry["argv"]
     assert any("Address 192.168.77.5/24 -> 10.77.0.5/24" in change for change in entry["reip"]), entry["reip"]
     network = agent_run(entry["guest_agent"], ["cat", NETWORKD_FILE]).decode()
     assert "Address=10.77.0.5/24\n" in network and "Gateway=10.77.0.254\n" in network, network
