@@ -17,7 +17,10 @@ disks. Replication into that directory stops for good.
 Layout of `failover/` while failed over::
 
     failover/DEVICE.qcow2     overlay, backing = the point's file (absolute name)
-    failover/qmp.sock, qga0.sock, console.log, qemu.log   what the rewritten command line makes
+    failover/qemu.log         QEMU's output
+    failover/qmp.sock, qga0.sock, console.log   what the rewritten command line makes (in
+                              /run/surepoint/failover/HASH/ when failover/ is too long a path for a
+                              unix socket; the record's `sockets` says where)
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from surepoint.errors import InvalidArgument, TargetError
 from surepoint.mount.instant import InstantSession, discard_instant
@@ -470,7 +473,6 @@ class FailoverView:
     since: str | None = None
     pid: int | None = None
     running: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def describe(replica: ReplicaDir) -> FailoverView:
