@@ -70,6 +70,17 @@ def agent_run(path: str, argv: list[str], timeout: float = 120) -> bytes:
         return ga.exec(argv, timeout=timeout, check=True).stdout
 
 
+def wait_mounted(agent: str, path: str = "/data") -> None:
+    """The guest agent answers early in the boot: wait until the data disk is mounted too."""
+    deadline = time.monotonic() + 120
+    while True:
+        with GuestAgent(agent, timeout=30) as ga:
+            if ga.exec(["mountpoint", "-q", path]).ok:
+                return
+        assert time.monotonic() < deadline, f"{path} is not mounted 120 s after the guest agent answered"
+        time.sleep(1.0)
+
+
 def count(path: str, file: str) -> int:
     with GuestAgent(path, timeout=30) as ga:
         done = ga.exec(["wc", "-l", file])
@@ -175,6 +186,7 @@ def scenario(test_vm, tmp_path: Path, cli: Cli, target: Path, figures: dict, wri
     assert "-netdev" not in entry["argv"]  # net0 unplugged: the NIC stays, with no backend
     assert f"virtio-net-pci,addr=0x3,mac={TEST_VM_MAC}" in entry["argv"]
     assert any("Address 192.168.77.5/24 -> 10.77.0.5/24" in change for change in entry["reip"]), entry["reip"]
+    wait_mounted(entry["guest_agent"])
     network = agent_run(entry["guest_agent"], ["cat", NETWORKD_FILE]).decode()
     assert "Address=10.77.0.5/24\n" in network and "Gateway=10.77.0.254\n" in network, network
     held = check_records(agent_run(entry["guest_agent"], ["cat", RECORDS]))
@@ -207,6 +219,7 @@ def scenario(test_vm, tmp_path: Path, cli: Cli, target: Path, figures: dict, wri
     assert entry["planned"] and entry["source"]["last_replication"]["cbt"] == "dirty bitmap", entry
     committed = check_records(records_on_disk(str(test_vm.disks["data"]), PLANNED_RECORDS, tmp_path))
     assert committed >= seen
+    wait_mounted(entry["guest_agent"])
     held = check_records(agent_run(entry["guest_agent"], ["cat", PLANNED_RECORDS]))
     assert held == committed  # zero data loss
     figures["planned_records_lost"] = committed - held
@@ -232,6 +245,7 @@ def scenario(test_vm, tmp_path: Path, cli: Cli, target: Path, figures: dict, wri
     figures["original_boot_seconds"] = report["boot_seconds"]
     assert BLOB_MIB * MiB <= report["sent_bytes"] <= (BLOB_MIB + 48) * MiB, report
     assert report["guest_agent"] == test_vm.qga_path
+    wait_mounted(test_vm.qga_path)
     assert test_vm.run(["sha256sum", BLOB]).split()[0] == blob_sum
     assert check_records(test_vm.run(["cat", REPLICA_RECORDS])) == wrote
     assert check_records(test_vm.run(["cat", PLANNED_RECORDS])) == committed
