@@ -12,6 +12,7 @@ the replica's blocks with the source's and sends only the blocks that differ, an
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -330,6 +331,16 @@ def replicate_vm(
     )
 
 
+def split_seed(spec: str) -> tuple[str, str]:
+    """REPOSITORY:POINT -> (repository, point): the first ':' after a URL's scheme and host[:port] ends the
+    repository (a point may be NAME:latest)."""
+    authority = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*", spec)
+    cut = spec.find(":", authority.end() if authority else 0)
+    if cut <= 0 or cut == len(spec) - 1:
+        raise InvalidArgument(f"{spec!r} is not REPOSITORY:POINT (a point id, or NAME:latest)")
+    return spec[:cut], spec[cut + 1 :]
+
+
 def _seed(
     qmp: QmpConnection,
     devices: list[BlockDevice],
@@ -340,9 +351,7 @@ def _seed(
 ) -> tuple[str, str | None]:
     """Fill the new bases from a restore point at the replica's site; then how to find the changes since."""
     assert options.seed_from
-    repository, sep, point = options.seed_from.rpartition(":")
-    if not sep or not repository or not point:
-        raise InvalidArgument(f"--seed-from {options.seed_from!r}: expected REPOSITORY:POINT")
+    repository, point = split_seed(options.seed_from)
     names = [disk_name(d) for d in devices]
     seeded = session.seed_from(repository, point, names, passphrase)
     missing = [n for n in names if n not in seeded.get("seeded", [])]

@@ -8,17 +8,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from surepoint.errors import SurepointError
 from surepoint.jobs.replicate import BLOCK, Transfer, send_differences, send_extents
 from surepoint.replica import images
-from surepoint.replica.errors import ReplicaOfAnotherVm, ReplicaWriteError
+from surepoint.replica.errors import ReplicaLocked, ReplicaOfAnotherVm, ReplicaWriteError
 from surepoint.replica.layout import ReplicaDir
 from surepoint.replica.protocol import RemoteSite
 from surepoint.replica.site import LocalSite
 from surepoint.repo.extents import Extent
+from tests.remote.sshd import sshd  # noqa: F401 - the session fixture
 
 MIB = 1 << 20
 SIZE = 16 * MIB
@@ -233,3 +235,56 @@ def test_seed_from_a_backup_then_send_changes(site, tmp_path):
     session.close()
     assert sent.sent_bytes == BLOCK  # only the change since the backup crossed
     assert latest_bytes(site.root) == bytes(disk.data)
+
+
+def test_seed_specs():
+    from surepoint.errors import InvalidArgument
+    from surepoint.jobs.replicate import split_seed
+
+    assert split_seed("/srv/repo:web01:latest") == ("/srv/repo", "web01:latest")
+    assert split_seed("/srv/repo:3f9a") == ("/srv/repo", "3f9a")
+    assert split_seed("ssh://u@h:2222/srv/repo:web01:latest") == ("ssh://u@h:2222/srv/repo", "web01:latest")
+    assert split_seed("s3://bucket/prefix:latest") == ("s3://bucket/prefix", "latest")
+    for bad in ("/srv/repo", "/srv/repo:", ":latest"):
+        with pytest.raises(InvalidArgument):
+            split_seed(bad)
+
+
+def test_ssh_connection_cut_mid_cycle(sshd, tmp_path):  # noqa: F811 - the fixture
+    root = tmp_path / "replicas"
+    env = sshd.env()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        site = RemoteSite(sshd.url(root))
+        disk = Disk()
+        disk.fill(0, 2 * MIB, 1)
+        cycle(site, disk, "f1", full(disk))
+        session = site.session("web-replica")
+        session.open("web", SOURCE)
+        session.begin("f2", {"vda": SIZE})
+        session.write("vda", 0, bytes([7]) * MIB)
+        session.checksums("vda", 0, BLOCK, BLOCK)
+        os.kill(session.conn.proc.pid, signal.SIGKILL)  # the ssh client: the connection is cut
+        session.conn.proc.wait()
+        with pytest.raises(SurepointError, match="lost the connection"):
+            session.commit({"time": "2026-11-30T10:00:00.000000Z", "consistency": "crash"}, 3)
+        session.close()
+        # the far end saw the connection go, and the next cycle (once its lock is free) completes
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sent = cycle(site, disk, "f3", compare(disk))
+                break
+            except ReplicaLocked:
+                assert time.monotonic() < deadline, "the far end kept the replica locked"
+                time.sleep(0.2)
+        assert sent.sent_bytes == 0  # the replica still holds exactly the first point
+        assert latest_bytes(str(root)) == bytes(disk.data)
+        assert sorted(os.listdir(root / "web-replica" / "disks")) == ["vda.base.qcow2", "vda.f3.qcow2"]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
