@@ -53,9 +53,7 @@ class StorageDaemon:
                 )
         except FileNotFoundError:
             shutil.rmtree(self.workdir, ignore_errors=True)
-            raise ReplicaWriteError(
-                "qemu-storage-daemon is not installed (package qemu-system-x86 or qemu-utils)"
-            ) from None
+            raise ReplicaWriteError("qemu-storage-daemon is not installed (package qemu-system-common)") from None
         try:
             self._wait_ready()
             for name in self.images:
