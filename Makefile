@@ -21,5 +21,5 @@ lint:
 	uv run --frozen ruff format --check .
 
 bench:
-	scripts/setup test
+	scripts/setup bench
 	uv run --frozen python bench/run.py

@@ -52,6 +52,9 @@ def backup(
     quiesce: Annotated[bool, typer.Option(help="Freeze guest filesystems through the guest agent.")] = True,
     freeze_timeout: Annotated[float, typer.Option(help="Seconds the guest may stay frozen.", min=1)] = 20.0,
     skip_free: SkipFreeOption = True,
+    fstrim: Annotated[
+        bool, typer.Option("--fstrim", help="backup vm: ask the guest to trim first (disks with discard=unmap).")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Back up disk images or block devices as one restore point (application-aware with --job).
@@ -62,7 +65,17 @@ def backup(
     c: Context = ctx.obj
     if sources and sources[0] == "vm":
         vm_commands.backup_and_report(
-            c, sources[1:], parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout, skip_free
+            c,
+            sources[1:],
+            parallel,
+            inventory,
+            fallback,
+            quiesce,
+            full,
+            as_json,
+            freeze_timeout,
+            skip_free,
+            fstrim=fstrim,
         )
         return
     if bool(job) == bool(sources):

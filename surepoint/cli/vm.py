@@ -58,6 +58,9 @@ def vm_backup(
     index: Annotated[
         bool, typer.Option("--index", help="Then record the restore points' file lists for `surepoint find`.")
     ] = False,
+    fstrim: Annotated[
+        bool, typer.Option("--fstrim", help="Ask the guest to trim its filesystems first (disks with discard=unmap).")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Back up running QEMU VMs (found by name from their QEMU processes or --inventory), several in parallel.
@@ -66,7 +69,7 @@ def vm_backup(
     incrementally through QEMU dirty bitmaps. Exit 1 when any VM failed.
     """
     backup_and_report(
-        ctx.obj, names, parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout, skip_free, index
+        ctx.obj, names, parallel, inventory, fallback, quiesce, full, as_json, freeze_timeout, skip_free, index, fstrim
     )
 
 
@@ -82,6 +85,7 @@ def backup_and_report(
     freeze_timeout: float = 20.0,
     skip_free: bool = True,
     index: bool = False,
+    fstrim: bool = False,
 ) -> None:
     """`vm backup` (and its older spelling `backup vm`): back up, print a table or JSON, exit 1 on failures."""
     if not names:
@@ -90,7 +94,12 @@ def backup_and_report(
         raise UsageError("--fallback must be try or require")
     repo = c.open_repository()
     options = VmJobOptions(
-        fallback=fallback, quiesce=quiesce, full=full, freeze_timeout=freeze_timeout, skip_free=skip_free
+        fallback=fallback,
+        quiesce=quiesce,
+        full=full,
+        freeze_timeout=freeze_timeout,
+        skip_free=skip_free,
+        fstrim=fstrim,
     )
     outcomes = backup_vms(repo, c.catalog(), names, options, parallel=parallel, inventory=inventory, log=log_line)
     results = [o.to_json() for o in outcomes]

@@ -148,6 +148,7 @@ def run_job(
             writers=job.writers,
             logs=job.logs,
             skip_free=skip_free,
+            fstrim=job.fstrim,
         )
         result = backup_vm(repository, catalog, find_vm(job.vm, inventory), options, events=events, log=log)
         return JobResult(result.restore_point, result.outcome)

@@ -25,6 +25,7 @@ class JobConfig:
     snapshot: str = "reflink"
     path: str = ""
     vm: str | None = None  # a running VM instead of sources: writers then run inside the guest
+    fstrim: bool = False  # a VM job: ask the guest to trim first (disks with discard=unmap)
 
 
 def load_job(path: str) -> JobConfig:
@@ -42,7 +43,9 @@ def _parse_job(raw: dict, path: str) -> JobConfig:
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"{path}: {msg}")
 
-    check_known(raw, ("name", "sources", "vm", "writers", "fallback", "logs", "freeze_timeout", "snapshot"), path)
+    check_known(
+        raw, ("name", "sources", "vm", "writers", "fallback", "logs", "freeze_timeout", "snapshot", "fstrim"), path
+    )
     vm = raw.get("vm")
     sources = raw.get("sources", [])
     if vm is not None:
@@ -70,4 +73,7 @@ def _parse_job(raw: dict, path: str) -> JobConfig:
             raise bad(f"writer {i + 1}: `type` must be one of {', '.join(WRITER_TYPES)}, not {got!r}")
     if vm is not None and any(w["type"] == "fsfreeze" for w in writers):
         raise bad("inside a VM the guest's filesystems are frozen through the guest agent: drop the fsfreeze writer")
-    return JobConfig(name, list(sources), writers, fallback, logs, float(timeout), snapshot, path, vm)
+    fstrim = raw.get("fstrim", False)
+    if not isinstance(fstrim, bool) or (fstrim and vm is None):
+        raise bad("`fstrim` is true or false, and only for a VM job (`vm = ...`)")
+    return JobConfig(name, list(sources), writers, fallback, logs, float(timeout), snapshot, path, vm, fstrim)

@@ -16,6 +16,7 @@ from surepoint.consistency.logs import handle_logs
 from surepoint.consistency.quiesce import QuiesceOutcome
 from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.fsmap.source import free_space_summary, skip_free_space
+from surepoint.fsmap.trim import trim_guest
 from surepoint.jobs.vm_capture import (
     CaptureOptions,
     VmCapture,
@@ -44,6 +45,7 @@ class VmJobOptions:
     writers: list[dict] = field(default_factory=list)  # application writers run inside the guest
     logs: str = "truncate"  # transaction-log mode for those writers
     skip_free: bool = True  # free blocks of the guest's filesystems stored as zeros, not read
+    fstrim: bool = False  # ask the guest to trim first (disks with discard=unmap only)
 
 
 @dataclass
@@ -116,6 +118,9 @@ def backup_vm(
             remove_stale_bitmaps(qmp, devices, bitmap_prefix(repository), {base_bitmap} if base_bitmap else set())
 
             capture.open()
+            if options.fstrim:
+                trimmed, message = trim_guest(capture.agent, vm.command_line, vm.domain_xml)
+                event(Component.JOB, Phase.PREPARE, Outcome.OK if trimmed else Outcome.WARNING, message)
             view = capture.take(qmp, devices, bitmap_name=base_bitmap, new_bitmap=new_bitmap, retire_base_bitmap=True)
             outcome = capture.outcome
             assert outcome is not None

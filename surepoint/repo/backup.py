@@ -71,6 +71,20 @@ class _DiskStats:
     stored_bytes: int = 0
     reused_chunks: int = 0
     zero_chunks: int = 0
+    new_zero_bytes: int = 0  # all-zero 4 KiB blocks inside new chunks (free space, holes): not data
+
+
+ZERO_BLOCK = bytes(4096)
+
+
+def zero_block_bytes(data: bytes) -> int:
+    """Bytes of `data` in aligned 4 KiB blocks that are all zeros (a first and last byte test skips most)."""
+    n = 0
+    size = len(ZERO_BLOCK)
+    for i in range(0, len(data) - size + 1, size):
+        if data[i] == 0 and data[i + size - 1] == 0 and data[i : i + size] == ZERO_BLOCK:
+            n += size
+    return n
 
 
 class _ChunkWriter:
@@ -109,10 +123,12 @@ class _ChunkWriter:
                 stats.reused_chunks += 1
             return chunk_id
         stored = self.chunks.put(chunk_id, data, durable=False, compress=self.worth_compressing(data))
+        zeros = zero_block_bytes(data)
         with self._lock:
             stats.new_chunks += 1
             stats.new_bytes += len(data)
             stats.stored_bytes += stored
+            stats.new_zero_bytes += zeros
         return chunk_id
 
     def reuse(self, chunk_id: bytes, stats: _DiskStats) -> bool:
@@ -192,8 +208,12 @@ def run_backup(
                     size=source.size,
                     chunk_size=chunk_size,
                     index=repository.index_name(rp_id, number),
-                    metadata={"read_mode": mode, **request.disk_metadata.get(number, {})},
-                    **stats.__dict__,
+                    metadata={
+                        "read_mode": mode,
+                        "new_zero_bytes": stats.new_zero_bytes,
+                        **request.disk_metadata.get(number, {}),
+                    },
+                    **{k: v for k, v in stats.__dict__.items() if k != "new_zero_bytes"},
                 )
             )
         restore_point = RestorePoint(

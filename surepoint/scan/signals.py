@@ -5,6 +5,10 @@ knows how much new data it stored and how small compression made it, so a point 
 large and incompressible, where the same system's earlier changes compressed well, is flagged.
 Media, archives and packages are incompressible too, which is why the comparison is with the
 system's own history and why a small change never counts.
+
+All-zero 4 KiB blocks inside new chunks (free space the backup did not read, holes) are left out
+of the comparison: they compress to nothing and would make a chunk that is half ciphertext look
+half compressible.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from surepoint.repo.manifest import RestorePoint
 
 MIN_CHANGE = 16 << 20  # bytes of new data below which nothing is judged
 MIN_CHANGE_SHARE = 0.005  # ... nor below this share of the disks
-INCOMPRESSIBLE = 0.95  # stored / new at or above this: looks like ciphertext
+INCOMPRESSIBLE = 0.90  # stored / new at or above this: looks like ciphertext (mixed with some metadata)
 USUAL_AT_MOST = 0.85  # the system's usual ratio must be below this for a jump to mean anything
 JUMP = 0.15  # ... and this far below the point's ratio
 HISTORY = 10  # earlier points of the same name that make up "usual"
@@ -35,7 +39,14 @@ class ChangeStats:
 
     @classmethod
     def of(cls, point: RestorePoint) -> ChangeStats:
-        return cls(sum(d.new_bytes for d in point.disks), sum(d.stored_bytes for d in point.disks), point.size)
+        """New data without its all-zero blocks (recorded by the backup as `new_zero_bytes`), as stored."""
+        new = sum(max(0, d.new_bytes - _zero_bytes(d.metadata)) for d in point.disks)
+        return cls(new, sum(d.stored_bytes for d in point.disks), point.size)
+
+
+def _zero_bytes(metadata: dict) -> int:
+    value = metadata.get("new_zero_bytes", 0) if isinstance(metadata, dict) else 0
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def suspicious_points(points: Iterable[RestorePoint]) -> dict[str, str]:

@@ -94,3 +94,21 @@ def test_list_and_show_flag_the_encrypted_backup(cli, tmp_path):
     shown = cli.run("show", points[-1]["id"], "--json", check=True).json()
     assert "does not compress" in shown["suspicious"]
     assert cli.run("show", points[-2]["id"], "--json", check=True).json()["suspicious"] is None
+
+
+def test_zero_blocks_in_new_chunks_do_not_hide_ciphertext():
+    """A chunk that is half ciphertext, half free space (zeros, not read) stores at about half its size."""
+    history = [point(0, 2000 * MiB, 900 * MiB)] + [point(i, 40 * MiB, 15 * MiB) for i in range(1, 8)]
+    attack = point(8, 200 * MiB, 101 * MiB)
+    assert suspicious_points([*history, attack]) == {}  # diluted by the zeros
+    attack.disks[0].metadata["new_zero_bytes"] = 100 * MiB
+    assert list(suspicious_points([*history, attack])) == ["p08"]
+
+
+def test_zero_blocks_are_counted_aligned():
+    from surepoint.repo.backup import zero_block_bytes
+
+    data = os.urandom(4096) + bytes(8192) + b"\x01" + bytes(4095) + bytes(4096)
+    assert zero_block_bytes(data) == 3 * 4096
+    assert zero_block_bytes(bytes(MiB)) == MiB
+    assert zero_block_bytes(os.urandom(MiB)) == 0
