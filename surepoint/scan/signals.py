@@ -21,8 +21,8 @@ from surepoint.repo.manifest import RestorePoint
 
 MIN_CHANGE = 16 << 20  # bytes of new data below which nothing is judged
 MIN_CHANGE_SHARE = 0.005  # ... nor below this share of the disks
-INCOMPRESSIBLE = 0.90  # stored / new at or above this: looks like ciphertext (mixed with some metadata)
-USUAL_AT_MOST = 0.85  # the system's usual ratio must be below this for a jump to mean anything
+INCOMPRESSIBLE = 0.85  # stored / new data at or above this: looks like ciphertext (mixed with some metadata)
+USUAL_AT_MOST = 0.70  # the system's usual ratio must be below this for a jump to mean anything
 JUMP = 0.15  # ... and this far below the point's ratio
 HISTORY = 10  # earlier points of the same name that make up "usual"
 
