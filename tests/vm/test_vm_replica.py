@@ -116,6 +116,13 @@ class Writer:
 
     def __init__(self, test_vm) -> None:
         self.test_vm = test_vm
+        deadline = time.monotonic() + 120
+        while True:  # the guest agent answers early in the boot: the data disk may not be mounted yet
+            with test_vm.agent() as ga:
+                if ga.exec(["mountpoint", "-q", "/data"]).ok:
+                    break
+            assert time.monotonic() < deadline, "/data is not mounted in the guest"
+            time.sleep(1.0)
         test_vm.run(["rm", "-f", RECORDS])
         with test_vm.agent() as ga:
             self.pid = ga.exec_start(["perl", "-e", RECORD_WRITER, RECORDS, "900"], capture=True)
