@@ -61,10 +61,12 @@ def records_in(replica: Path, point: dict, workdir: Path) -> int:
         raw.unlink()
 
 
-def replica_bitmaps(test_vm) -> dict[str, list[str]]:
+def replica_bitmaps(test_vm, replica: Path) -> dict[str, list[str]]:
+    """The dirty bitmaps of one replica on the VM's disks, per disk."""
+    prefix = "surepoint-r" + record(replica)["id"][:12]
     with test_vm.qmp() as qmp:
         return {
-            n["node-name"]: sorted(b["name"] for b in n.get("dirty-bitmaps", []) if b["name"].startswith("surepoint-r"))
+            n["node-name"]: sorted(b["name"] for b in n.get("dirty-bitmaps", []) if b["name"].startswith(prefix))
             for n in qmp.query_named_block_nodes()
             if n["node-name"] in test_vm.disks
         }
@@ -196,7 +198,7 @@ def test_points_hold_clean_prefixes_and_cycles_send_changes(test_vm, shared, tmp
         print(f"point {point['id']}: {found} records (guest had {before} before the cycle, {after} after)")
         assert before <= found <= after
     # the replica's overlays hold what each cycle sent; QEMU keeps one bitmap of this replica per disk
-    assert all(names == [points[-1]["bitmap"]] for names in replica_bitmaps(test_vm).values())
+    assert all(names == [points[-1]["bitmap"]] for names in replica_bitmaps(test_vm, replica).values())
     assert view_left(test_vm) == []
 
     (listed,) = cli.run("replica", "list", str(replica), "--json", check=True).json()["replicas"]
@@ -253,7 +255,7 @@ def test_replication_over_ssh(test_vm, shared, sshd) -> None:  # noqa: F811 - th
 
 def test_missing_bitmap_falls_back_to_checksums(test_vm, shared, tmp_path: Path) -> None:
     cli, target, writer = shared["cli"], shared["target"], shared["writer"]
-    bitmaps = replica_bitmaps(test_vm)
+    bitmaps = replica_bitmaps(test_vm, replica_dir(target, test_vm))
     with test_vm.qmp() as qmp:  # as if the VM had been restarted from disks that cannot keep bitmaps
         for node, names in bitmaps.items():
             for name in names:
@@ -309,4 +311,4 @@ def test_killed_cycle_leaves_the_last_point_and_the_next_completes(test_vm, shar
     assert set(os.listdir(disks)) == {
         os.path.basename(f) for p in record(replica)["points"] for f in p["files"].values()
     }
-    assert all(len(names) == 1 for names in replica_bitmaps(test_vm).values())
+    assert all(len(names) == 1 for names in replica_bitmaps(test_vm, replica).values())
