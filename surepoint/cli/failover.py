@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
     """Add `failover` (with `failover plan`) and `failback` to the main app."""
     failover_app = typer.Typer(
         cls=_DefaultVm,
-        help="Run a VM from its replica: failover NAME [--point P], --undo, --permanent, --planned; failover plan.",
+        help="Run a VM from its replica: failover NAME [--point P|--undo|--permanent|--planned] "
+        "(all options: failover vm --help); failover plan run|check FILE.",
         no_args_is_help=True,
     )
     app.add_typer(failover_app, name="failover")
