@@ -38,6 +38,7 @@ DB = "sprestore"
 BEFORE, AFTER = 120, 45
 ARCHIVE = "/data/sprestore_wal"  # on the data disk
 TIMED = 60  # single-row commits after the backup, for the point in time
+SQLITE_DB = "/data/sprestore.db"
 
 
 def psql(test_vm, sql: str, db: str = DB) -> str:
@@ -49,12 +50,28 @@ def maria(test_vm, sql: str) -> str:
     return test_vm.run(["mariadb", "--batch", "--skip-column-names", "-e", sql], timeout=120).decode().strip()
 
 
+def sqlite(test_vm, sql: str) -> str:
+    return test_vm.run(["sqlite3", "-batch", SQLITE_DB, sql], timeout=120).decode().strip()
+
+
+def inserts(first: int, last: int) -> str:
+    return (
+        f"WITH RECURSIVE g(n) AS (SELECT {first} UNION ALL SELECT n + 1 FROM g WHERE n < {last}) "
+        "INSERT INTO t SELECT n, 'x' FROM g;"
+    )
+
+
 def write_job(path: Path, vm: str, mariadb: bool = True) -> Path:
     path.write_text(
         f'vm = "{vm}"\nfallback = "require"\nlogs = "keep"\nfreeze_timeout = 30\n\n'
         '[[writers]]\ntype = "postgresql"\nos_user = "postgres"\nhost = "/var/run/postgresql"\n'
         f'wal_archive = "{ARCHIVE}"\n\n'
-        + ('[[writers]]\ntype = "mariadb"\nsocket = "/run/mysqld/mysqld.sock"\nuser = "root"\n' if mariadb else "")
+        + (
+            '[[writers]]\ntype = "mariadb"\nsocket = "/run/mysqld/mysqld.sock"\nuser = "root"\n\n'
+            f'[[writers]]\ntype = "sqlite"\ndatabases = ["{SQLITE_DB}"]\n'
+            if mariadb
+            else ""
+        )
     )
     return path
 
@@ -95,11 +112,13 @@ def point(test_vm, restore_cli: Cli, tmp_path_factory) -> Iterator[str]:
     maria(test_vm, f"DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB}")
     maria(test_vm, f"CREATE TABLE {DB}.t (id int PRIMARY KEY, v text) ENGINE=InnoDB")
     maria(test_vm, f"INSERT INTO {DB}.t SELECT seq, 'a' FROM {DB}.seq_1_to_{BEFORE}")
+    sqlite(test_vm, f"CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); {inserts(1, BEFORE)}")
     job = write_job(tmp_path_factory.mktemp("app-restore-job") / "job.toml", test_vm.name)
     backup = restore_cli.run("backup", "--job", str(job), "--json", check=True, timeout=900).json()
     backed_up = time.time()
     psql(test_vm, f"INSERT INTO t SELECT g, 'b' FROM generate_series({BEFORE + 1}, {BEFORE + AFTER}) g")
     maria(test_vm, f"INSERT INTO {DB}.t SELECT seq, 'b' FROM {DB}.seq_{BEFORE + 1}_to_{BEFORE + AFTER}")
+    sqlite(test_vm, inserts(BEFORE + 1, BEFORE + AFTER))
     try:
         yield backup["id"], backed_up, job
     finally:
@@ -109,6 +128,8 @@ def point(test_vm, restore_cli: Cli, tmp_path_factory) -> Iterator[str]:
             test_vm.run(["rm", "-rf", ARCHIVE])
         with contextlib.suppress(Exception):  # the old data directories the restores moved aside (sic)
             test_vm.run(["sh", "-c", f"rm -rf {PG_DATA}.before-restore-* {MARIA_DATA}.before-restore-*"], timeout=120)
+        with contextlib.suppress(Exception):
+            test_vm.run(["sh", "-c", f"rm -f {SQLITE_DB}*"])
         with contextlib.suppress(Exception):
             psql(test_vm, f"DROP DATABASE IF EXISTS {DB}", db="postgres")
             maria(test_vm, f"DROP DATABASE IF EXISTS {DB}")
@@ -170,6 +191,22 @@ def test_postgresql_point_in_time_inside_the_vm(test_vm, restore_cli: Cli, point
     found = psql(test_vm, "SELECT count(*), max(id) FROM t")
     assert found == f"{cut - 1}|{cut - 1}", f"expected every row before {cut} and none after, found {found}"
     assert active(test_vm, PG_SERVICE)
+    report = result.json()
+    print(f"phases: {report['phases']}")
+    assert report["target"] == PG_DATA and report["details"]["timeline"] > 1  # promoted to a new timeline
+    assert [t["transport"] for t in report["details"]["transfer"]] == ["channel", "channel"]  # data, then WAL
+    assert phases(restore_cli, point_id, "postgresql")[-5:] == [
+        ("restore-app", "start", "ok"),
+        ("postgresql", "pre-restore", "ok"),
+        ("postgresql", "restore", "ok"),
+        ("postgresql", "post-restore", "ok"),
+        ("restore-app", "finish", "ok"),
+    ]
+    # the old data directory was kept aside, never deleted; the hot-plugged ports are gone again
+    assert test_vm.run(["sh", "-c", f"ls -d {PG_DATA}.before-restore-*"]).decode().split()
+    with test_vm.qmp() as qmp:
+        ports = [d for d in qmp.execute("qom-list", path="/machine/peripheral") if d["name"].startswith("sprestore")]
+    assert ports == []
 
     # refusals: after the last shipped log, a writer whose logs were never shipped
     result = restore_cli.run("restore-app", "postgresql", test_vm.name, "--vm", test_vm.name, "--at",
@@ -178,39 +215,6 @@ def test_postgresql_point_in_time_inside_the_vm(test_vm, restore_cli: Cli, point
     result = restore_cli.run("restore-app", "mariadb", test_vm.name, "--vm", test_vm.name, "--at", f"{at[:19]}+00:00",
                              "--overwrite")  # fmt: skip
     assert result.returncode == 2 and "no logs of" in result.stderr, result.stderr
-
-
-def test_postgresql_restored_inside_the_vm(test_vm, restore_cli: Cli, point) -> None:
-    point = point[0]
-    assert int(psql(test_vm, "SELECT count(*) FROM t")) >= BEFORE + AFTER
-    started = time.monotonic()
-    result = restore_cli.run(
-        "restore-app", "postgresql", point, "--vm", test_vm.name, "--overwrite", "--json", timeout=900
-    )
-    took = time.monotonic() - started
-    assert result.returncode == 0, result.stderr
-    report = result.json()
-    print(f"\nPostgreSQL restored in the guest in {took:.1f} s: {report['phases']}")
-    assert report["target"] == PG_DATA
-    assert report["details"]["transfer"][0]["transport"] == "channel"
-    # the rows added after the backup are gone, the ones before are all there, the service answers
-    assert psql(test_vm, "SELECT count(*), min(id), max(id) FROM t") == f"{BEFORE}|1|{BEFORE}"
-    assert active(test_vm, PG_SERVICE)
-    assert report["details"]["timeline"] > 1  # authoritative: a new timeline
-    assert phases(restore_cli, point, "postgresql")[-5:] == [
-        ("restore-app", "start", "ok"),
-        ("postgresql", "pre-restore", "ok"),
-        ("postgresql", "restore", "ok"),
-        ("postgresql", "post-restore", "ok"),
-        ("restore-app", "finish", "ok"),
-    ]
-    # the old data directory was kept aside, never deleted
-    aside = test_vm.run(["sh", "-c", f"ls -d {PG_DATA}.before-restore-*"]).decode().split()
-    assert aside
-    # the hot-plugged port is gone again
-    with test_vm.qmp() as qmp:
-        ports = [d for d in qmp.execute("qom-list", path="/machine/peripheral") if d["name"].startswith("sprestore")]
-    assert ports == []
 
 
 def test_mariadb_restored_inside_the_vm(test_vm, restore_cli: Cli, point) -> None:
@@ -225,6 +229,16 @@ def test_mariadb_restored_inside_the_vm(test_vm, restore_cli: Cli, point) -> Non
     assert [p[1] for p in phases(restore_cli, point, "mariadb")[-5:]] == [
         "start", "pre-restore", "restore", "post-restore", "finish"
     ]  # fmt: skip
+
+
+def test_sqlite_restored_inside_the_vm(test_vm, restore_cli: Cli, point) -> None:
+    assert sqlite(test_vm, "SELECT count(*) FROM t") == str(BEFORE + AFTER)
+    test_vm.run(["sqlite3", SQLITE_DB, "PRAGMA journal_mode=WAL;", "INSERT INTO t VALUES (100000, 'wal');"])
+    result = restore_cli.run("restore-app", "sqlite", point[0], "--vm", test_vm.name, "--overwrite", timeout=600)
+    assert result.returncode == 0, result.stderr
+    # exactly the rows of the backup, none written after it (in WAL mode since)
+    assert sqlite(test_vm, "SELECT count(*), max(id) FROM t") == f"{BEFORE}|{BEFORE}"
+    assert sqlite(test_vm, "PRAGMA integrity_check") == "ok"
 
 
 def test_refusals(test_vm, restore_cli: Cli, point, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.usefixtures("no_sur
 
 PG_SERVICE = "postgresql@15-main"
 HBA = "/etc/postgresql/15/main/pg_hba.conf"
+LISTEN_CONF = "/etc/postgresql/15/main/conf.d/sp-door.conf"  # Debian's postgresql.conf includes conf.d
 LAB_ADDRESS, PRODUCTION_ADDRESS = "10.0.2.15", "10.0.2.16"
 DB, ROWS = "spdoor", 321
 NOTHING_LEFT = {"namespaces": [], "qemu": [], "mounts": [], "lab records": []}
@@ -51,14 +52,12 @@ def door_point(test_vm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
         was_running = ga.exec(["systemctl", "is-active", "--quiet", PG_SERVICE]).ok
         original_hba = ga.read_file(HBA)
         ga.write_file(HBA, original_hba + b"\nhost all all 10.0.2.0/24 trust\n")
-    test_vm.run(["systemctl", "start", PG_SERVICE], timeout=180)
-    psql(test_vm, "ALTER SYSTEM SET listen_addresses = '*'", db="postgres")
+        ga.write_file(LISTEN_CONF, b"listen_addresses = '*'\n")
     test_vm.run(["systemctl", "enable", "postgresql"], timeout=60)  # the booted copy starts its database
     test_vm.run(["systemctl", "restart", PG_SERVICE], timeout=180)
     psql(test_vm, f"DROP DATABASE IF EXISTS {DB}", db="postgres")
     psql(test_vm, f"CREATE DATABASE {DB}", db="postgres")
     psql(test_vm, f"CREATE TABLE items AS SELECT g AS id, 'item ' || g AS name FROM generate_series(1, {ROWS}) g")
-    psql(test_vm, "CHECKPOINT", db="postgres")
     try:
         set_guest_address(test_vm, LAB_ADDRESS)
         backup = cli.run("backup", "vm", test_vm.name, "--json", check=True, timeout=900).json()
@@ -75,7 +74,7 @@ def door_point(test_vm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
             test_vm.run(["systemctl", "disable", "postgresql"], timeout=60)
             with test_vm.agent() as ga:
                 ga.write_file(HBA, original_hba)
-            psql(test_vm, "ALTER SYSTEM RESET listen_addresses", db="postgres")
+            test_vm.run(["rm", "-f", LISTEN_CONF])
             psql(test_vm, f"DROP DATABASE IF EXISTS {DB}", db="postgres")
             test_vm.run(["systemctl", "restart" if was_running else "stop", PG_SERVICE], timeout=180)
 
