@@ -233,7 +233,11 @@ def section_vms(args, surepoint: list[str], results: list[dict]) -> None:
             scale = f"{count} VMs"
             step(results, "vms", scale, "backup (full)", runner.run("vm", "backup", *names, "--no-quiesce"))
             step(results, "vms", scale, "backup (incremental)", runner.run("vm", "backup", *names, "--no-quiesce"))
-            step(results, "vms", scale, "list", runner.run("list"))
+            listed = runner.run("list", "--json")
+            points = json.loads(listed["stdout"])["restore_points"]
+            if len(points) != 2 * count:  # a full and an incremental point per VM
+                raise RuntimeError(f"{count} VMs backed up twice, but {len(points)} restore points listed")
+            step(results, "vms", scale, "list", listed)
             step(results, "vms", scale, "verify --sample 1", runner.run("verify", "--sample", "1"))
             step(results, "vms", scale, "forget 1 per VM", runner.run("forget", "--keep-last", "1"))
             step(results, "vms", scale, "gc", runner.run("gc", "--grace", "0"))
