@@ -7,12 +7,28 @@ binary logs before the one in use at the snapshot are purged (PURGE BINARY LOGS 
 from __future__ import annotations
 
 import itertools
+import re
 
 from surepoint.consistency.runner import CommandFailed, Session
 from surepoint.consistency.writer import Component, PruneReport, Writer
 from surepoint.timestamps import utc_now
 
 _markers = itertools.count(1)
+# what the client itself says on stderr (merged into the session's output): "mariadb: [Warning] World-writable
+# config file ... is ignored", "Warning: Using a password ...". Never a result row: those are tab-separated.
+_CLIENT_NOTICE = re.compile(r"^((\S*/)?(mariadb|mysql)[\w.-]*: |warning\b|\[warning\])", re.IGNORECASE)
+
+
+def result_rows(output: str) -> list[list[str]]:
+    """The rows of a batch-mode answer; the client's own notices skipped, its errors raised."""
+    rows = []
+    for line in output.splitlines():
+        if line.startswith("ERROR"):
+            raise CommandFailed(f"MariaDB: {line}")
+        if not line.strip() or ("\t" not in line and _CLIENT_NOTICE.match(line)):
+            continue
+        rows.append(line.split("\t"))
+    return rows
 
 
 class MariaDBWriter(Writer):
@@ -38,11 +54,7 @@ class MariaDBWriter(Writer):
 
     def _ask(self, sql: str, timeout: float = 60) -> list[list[str]]:
         marker = f"__surepoint_{next(_markers)}__"
-        out = self._session.request(f"{sql}\nSELECT '{marker}';\n", marker, timeout)
-        for line in out.splitlines():
-            if line.startswith("ERROR"):
-                raise CommandFailed(f"MariaDB: {line}")
-        return [line.split("\t") for line in out.splitlines() if line.strip()]
+        return result_rows(self._session.request(f"{sql}\nSELECT '{marker}';\n", marker, timeout))
 
     def identify(self) -> list[Component]:
         self._session: Session = self.runner.open_session(self._argv(), env=self._env())

@@ -122,6 +122,7 @@ def _ship(repository, catalog, job, configs, sources, say) -> list[ShipReport]:
         recorder(component, "ship-logs", outcome, message)
         say(f"{component} ship-logs: {outcome} {message}")
 
+    failures: list[Exception] = []  # one writer's failure does not stop the others
     with repository_lock(repository.backend, "backup"):
         for config in configs:
             writer = config["type"]
@@ -144,7 +145,8 @@ def _ship(repository, catalog, job, configs, sources, say) -> list[ShipReport]:
                     report.forgotten = store.forget_before(job.name, writer, keep_from)
             except (SurepointError, OSError) as exc:
                 event(writer, "failed", f"{exc}; shipped {len(report.shipped)} before the failure, nothing removed")
-                raise
+                failures.append(exc)
+                continue
             message = (
                 f"shipped {len(report.shipped)}"
                 + (f" ({report.shipped[0]} .. {report.shipped[-1]})" if report.shipped else "")
@@ -153,4 +155,6 @@ def _ship(repository, catalog, job, configs, sources, say) -> list[ShipReport]:
             )
             event(writer, "ok", message)
             reports.append(report)
+    if failures:
+        raise failures[0]  # its exit code; every writer's outcome is in the events and said above
     return reports
