@@ -106,6 +106,10 @@ class RestorePointNotFound(SurepointError):
     pass
 
 
+class RestorePointForgotten(SurepointError):
+    """A restore point being read was forgotten by a concurrent `forget` (not damage: it is gone on purpose)."""
+
+
 class SourceError(SurepointError):
     """A backup source (disk image, device, VM) cannot be read."""
 

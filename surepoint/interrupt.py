@@ -11,6 +11,7 @@ an event through the hook given with it, and exits 130 (SIGINT) or 143 (SIGTERM)
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -78,3 +79,33 @@ def report(exc: Interrupted) -> str:
     if not held:
         return f"{exc}"
     return f"{exc}: " + "; ".join(stake.description for stake in held)
+
+
+# Testing aid: deterministic pauses ---------------------------------------------------------------
+# SUREPOINT_PAUSE_AT=<name>[:<n>] and SUREPOINT_PAUSE_DIR=<dir>: the n-th time (first by default)
+# the process passes `checkpoint(name)` it creates <dir>/<name>.reached, then blocks opening the FIFO
+# <dir>/<name>.go until a test opens it for writing and closes it. Meanwhile the test runs a
+# concurrent command or sends a signal: the signal lands exactly there (open() is interrupted, the
+# handler raises Interrupted), never in a race with a sleep. Unset, a checkpoint costs a dict lookup.
+_passed: dict[str, int] = {}
+
+
+def checkpoint(name: str) -> None:
+    wanted = os.environ.get("SUREPOINT_PAUSE_AT")
+    if not wanted or wanted.split(":", 1)[0] != name:
+        return
+    nth = int(wanted.split(":", 1)[1]) if ":" in wanted else 1
+    with _lock:
+        _passed[name] = _passed.get(name, 0) + 1
+        if _passed[name] != nth:
+            return
+    directory = os.environ["SUREPOINT_PAUSE_DIR"]
+    go = os.path.join(directory, f"{name}.go")
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(go, 0o600)
+    reached = os.path.join(directory, f"{name}.reached")
+    with open(reached + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.rename(reached + ".tmp", reached)
+    with open(go, "rb") as fifo:
+        fifo.read()

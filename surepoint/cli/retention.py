@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from surepoint.cli.common import Context, JsonOption, err, human, out, print_json, short_time
-from surepoint.errors import UsageError
+from surepoint.errors import RepositoryLocked, UsageError
 from surepoint.events import EventRecorder
 from surepoint.jobs.gc import run_gc
 from surepoint.jobs.retention import forget_by_policy
@@ -40,7 +40,7 @@ def forget(
     repo = c.open_repository()
     result = forget_by_policy(repo, EventRecorder(c.catalog(), repo.id), policy, name=name, dry_run=dry_run)
     if not dry_run:  # a forgotten point waits for no log prune: its saved credentials go too
-        gone = [d.id for d in result.decisions if not d.keep and not d.locked_until]
+        gone = [d.id for d in result.decisions if not d.keep and not d.locked_until and not d.held_by]
         c.catalog().drop_pending_prunes(repo.id, gone)
     if as_json:
         print_json(result.to_json())
@@ -52,10 +52,17 @@ def forget(
             action = "keep" if d.keep else ("would forget" if dry_run else "forgotten")
             if d.locked_until:
                 action = f"locked until {short_time(d.locked_until)}: forget it after that"
+            if d.held_by:
+                action = "kept: being read"
             table.add_row(d.id, d.name, short_time(d.created), action, ", ".join(d.reasons))
         out.print(table)
     if prune and not dry_run:
         _gc(c, repo, dry_run=False, as_json=False)
+    if result.held:
+        raise RepositoryLocked(
+            "not forgotten, being read: " + "; ".join(f"{d.id} ({d.name}) by {d.held_by}" for d in result.held),
+            hint="run forget again once the reader has finished; the other restore points were forgotten",
+        )
 
 
 def gc(

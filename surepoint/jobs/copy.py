@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from surepoint.errors import DamagedData, InvalidArgument, SurepointError
 from surepoint.events import Component, EventRecorder, EventStore, Outcome, Phase
+from surepoint.interrupt import checkpoint
 from surepoint.repo.chunks import ZERO_ID, chunk_object_name
 from surepoint.repo.envelope import KIND_CHUNK
 from surepoint.repo.fixed_index import FixedIndex
@@ -35,10 +36,9 @@ from surepoint.storage.backend import ObjectNotFound
 
 COPY_METADATA = "copied_from"  # manifest metadata on the target: {"repository": source id, "copied": time}
 
-# The source is read under a lock of the kind garbage collection excludes, so no gc there removes a
-# chunk while it is being copied (forget only removes manifests and indexes; a point forgotten in
-# the middle of a copy is skipped).
-SOURCE_LOCK_KIND = "gc"
+# The source is read under a reader lock naming the points being copied (repository.reading): a
+# forget there keeps them, so gc there keeps their chunks; gc and backups on the source go on.
+SOURCE_LOCK_KIND = "copy"
 TARGET_LOCK_KIND = "backup"  # chunks a copy writes or reuses are protected from gc like a backup's
 
 
@@ -329,49 +329,57 @@ def copy_restore_points(
     say = log or (lambda _m: None)
     _check_compatible(source, target)
     result = CopyResult(source.id, target.id)
-    with repository_lock(source.backend, SOURCE_LOCK_KIND), repository_lock(target.backend, TARGET_LOCK_KIND):
+    with repository_lock(target.backend, TARGET_LOCK_KIND):
         source_points, target_points = source.list_restore_points(), target.list_restore_points()
         wanted, skipped, present = plan_copy(
             source_points, target_points, source.id, names=options.names, since=options.since
         )
         result.skipped, result.already_present = skipped, present
-        if on_plan:
-            on_plan(sum(p.size for p in wanted))
-        copier = _Copier(source, target, options)
-        workers = options.workers or max(
-            4, getattr(source.backend, "concurrency", 0), getattr(target.backend, "concurrency", 0)
-        )
-        _learn_from_earlier_copies(copier, source_points, target_points, wanted, say)
-        for point in wanted:
-            on_target = EventRecorder(events, target.id, restore_point=point.id, source=point.name)
-            on_source = EventRecorder(events, source.id, restore_point=point.id, source=point.name)
-            on_target.record(Component.COPY, Phase.START, Outcome.OK, f"copy from repository {source.id}")
-            try:
-                _copy, stats = _copy_point(copier, point, workers, progress)
-            except DamagedData as exc:
-                if not source.backend.exists(MANIFEST_PREFIX + point.id):
-                    result.skipped.append(Skipped(point.id, point.name, "forgotten on the source during the copy"))
-                    on_target.record(Component.COPY, Phase.FINISH, Outcome.SKIPPED, "forgotten on the source")
-                    continue
-                on_target.record(Component.COPY, Phase.FINISH, Outcome.FAILED, f"from {source.id}: {exc}")
-                raise
-            except SurepointError as exc:
-                on_target.record(Component.COPY, Phase.FINISH, Outcome.FAILED, f"from {source.id}: {exc}")
-                raise
-            result.copied.append(stats)
-            message = (
-                f"copied from repository {source.id}: {stats.sent_chunks} chunks sent "
-                f"({stats.sent_bytes} bytes), {stats.present_chunks} already there"
+        # A reader lock on the points to copy: forget on the source keeps them (and so gc keeps
+        # their chunks) until the copy ends; one forgotten before the lock was in place is skipped.
+        reading = source.reading(wanted, "copy", f"copy to {target.backend.location}", require_all=False)
+        with reading as gone:
+            wanted = [p for p in wanted if p.id not in gone]
+            for point in (p for p in source_points if p.id in gone):
+                result.skipped.append(Skipped(point.id, point.name, "forgotten on the source before the copy"))
+            if on_plan:
+                on_plan(sum(p.size for p in wanted))
+            copier = _Copier(source, target, options)
+            workers = options.workers or max(
+                4, getattr(source.backend, "concurrency", 0), getattr(target.backend, "concurrency", 0)
             )
-            on_target.record(Component.COPY, Phase.COMMIT, Outcome.OK, message)
-            on_source.record(Component.COPY, Phase.SEND, Outcome.OK, f"copied to repository {target.id}")
-            say(f"{point.id} {point.name}: {stats.sent_chunks} chunks sent, {stats.present_chunks} already there")
-        names = set(options.names) or {p.name for p in source_points}
-        _copy_logs(copier, names, result, say)
-        if result.logs:
-            EventRecorder(events, target.id).record(
-                Component.COPY, Phase.COMMIT, Outcome.OK, f"{len(result.logs)} shipped log files from {source.id}"
-            )
+            _learn_from_earlier_copies(copier, source_points, target_points, wanted, say)
+            for point in wanted:
+                on_target = EventRecorder(events, target.id, restore_point=point.id, source=point.name)
+                on_source = EventRecorder(events, source.id, restore_point=point.id, source=point.name)
+                on_target.record(Component.COPY, Phase.START, Outcome.OK, f"copy from repository {source.id}")
+                try:
+                    _copy, stats = _copy_point(copier, point, workers, progress)
+                except DamagedData as exc:
+                    if not source.backend.exists(MANIFEST_PREFIX + point.id):
+                        result.skipped.append(Skipped(point.id, point.name, "forgotten on the source during the copy"))
+                        on_target.record(Component.COPY, Phase.FINISH, Outcome.SKIPPED, "forgotten on the source")
+                        continue
+                    on_target.record(Component.COPY, Phase.FINISH, Outcome.FAILED, f"from {source.id}: {exc}")
+                    raise
+                except SurepointError as exc:
+                    on_target.record(Component.COPY, Phase.FINISH, Outcome.FAILED, f"from {source.id}: {exc}")
+                    raise
+                result.copied.append(stats)
+                message = (
+                    f"copied from repository {source.id}: {stats.sent_chunks} chunks sent "
+                    f"({stats.sent_bytes} bytes), {stats.present_chunks} already there"
+                )
+                on_target.record(Component.COPY, Phase.COMMIT, Outcome.OK, message)
+                on_source.record(Component.COPY, Phase.SEND, Outcome.OK, f"copied to repository {target.id}")
+                say(f"{point.id} {point.name}: {stats.sent_chunks} chunks sent, {stats.present_chunks} already there")
+                checkpoint("copy-point")
+            names = set(options.names) or {p.name for p in source_points}
+            _copy_logs(copier, names, result, say)
+            if result.logs:
+                EventRecorder(events, target.id).record(
+                    Component.COPY, Phase.COMMIT, Outcome.OK, f"{len(result.logs)} shipped log files from {source.id}"
+                )
     return result
 
 

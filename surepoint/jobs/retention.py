@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from surepoint.events import Component, EventRecorder, Outcome, Phase
-from surepoint.repo.locks import repository_lock
+from surepoint.repo.locks import held_points, repository_lock
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import MANIFEST_PREFIX, Repository
 from surepoint.repo.retention import Candidate, Policy, apply_policy
@@ -24,11 +24,14 @@ class Decision:
     keep: bool
     reasons: list[str] = field(default_factory=list)
     locked_until: str | None = None  # under Object Lock: kept until then, a later forget removes it
+    held_by: str | None = None  # a reader (restore, mount, instant, lab, copy) holds it: kept this time
 
     def to_json(self) -> dict:
         data = {"id": self.id, "name": self.name, "created": self.created, "keep": self.keep, "reasons": self.reasons}
         if self.locked_until:
             data["locked_until"] = self.locked_until
+        if self.held_by:
+            data["held_by"] = self.held_by
         return data
 
 
@@ -53,6 +56,11 @@ class ForgetResult:
     def forgotten(self) -> list[Decision]:
         return [d for d in self.decisions if not d.keep]
 
+    @property
+    def held(self) -> list[Decision]:
+        """Points the policy would forget that a reader holds: refused this time, naming the reader."""
+        return [d for d in self.decisions if d.held_by]
+
     def to_json(self) -> dict:
         return {"dry_run": self.dry_run, "decisions": [d.to_json() for d in self.decisions]}
 
@@ -75,7 +83,21 @@ def forget_by_policy(
     locked_until = getattr(repository.backend, "locked_until", None)
     if not dry_run and forget:
         with repository_lock(repository.backend, "forget"):
+            # Readers that started before this lock was written are seen here; one starting later
+            # sees this lock and waits (repo/locks.py): a point being read is never forgotten.
+            held = held_points(repository.backend)
             for p in points:
+                if p.id in forget and p.id in held:
+                    i = next(i for i, d in enumerate(decisions) if d.id == p.id)
+                    decisions[i] = replace(decisions[i], held_by=held[p.id].describe())
+                    events.record(
+                        Component.RETENTION,
+                        Phase.FORGET,
+                        Outcome.SKIPPED,
+                        f"not forgotten: being read ({held[p.id].describe()})",
+                        restore_point=p.id,
+                    )
+                    continue
                 if p.id in forget:
                     # An object under retention cannot go before its date: say when instead of trying.
                     until = locked_until(f"{MANIFEST_PREFIX}{p.id}") if locked_until else None

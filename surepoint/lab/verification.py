@@ -187,7 +187,7 @@ class Lab:
             session = start(
                 workdir,
                 boot_timeout=min(spec.boot_timeout, remaining),
-                options=MountOptions(cache_bytes=self.mount_options.cache_bytes),
+                options=MountOptions(cache_bytes=self.mount_options.cache_bytes, reader="lab"),
                 log=self.say,
                 name=f"lab-{state.lab_id}-{label}",
                 command_prefix=network.command_prefix(),

@@ -18,6 +18,7 @@ unmounts; it also cleans up after a crashed session (QEMU gone, mount dead or al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -166,6 +167,8 @@ def start_instant(
     session.save()
     try:
         opts = options or MountOptions()
+        if opts.reader == "mount":
+            opts = dataclasses.replace(opts, reader="instant")
         opts.filesystems = False
         opts.foreground = False
         state = mount_restore_point(repository, point, mount_dir, opts, say=say)

@@ -4,7 +4,7 @@
 log file) once the repository is open and every index is loaded, waits until the kernel talks to
 it, then attaches a read-only loop device per partition (or whole-disk filesystem) of every disk
 and mounts what `blkid` recognises, read-only and without journal replay, at DIR/disk<n>/<volume>.
-The repository is only read: no lock object is written (a live `exclusive` lock is respected).
+The repository is only read; the server holds a reader lock naming the point while it serves.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from surepoint.mount.records import MountState, clean_stale, is_mountpoint, run,
 from surepoint.processes import process_start
 from surepoint.repo.locks import is_stale, read_locks
 from surepoint.repo.manifest import RestorePoint
-from surepoint.repo.repository import Repository
+from surepoint.repo.repository import MANIFEST_PREFIX, Repository
 from surepoint.text import printable
 
 log = logging.getLogger("surepoint.mount")
@@ -76,6 +76,7 @@ class MountOptions:
     filesystems: bool = True  # loop-mount the partitions (needs root)
     logical_volumes: LogicalVolumeFinder | None = None  # mount LVM logical volumes too
     guest_view: bool = True  # DIR/guest: the guest's tree after its /etc/fstab (see surepoint.mount.guest)
+    reader: str = "mount"  # the reader lock's kind: mount, instant or lab (repo/locks.py)
 
 
 @dataclass
@@ -155,9 +156,13 @@ def _views(
     say: Callable[[str], None] | None,
 ) -> list[DiskView]:
     views = []
+
+    def exists() -> bool:
+        return repository.backend.exists(MANIFEST_PREFIX + point.id)
+
     for disk in point.disks:
         index = repository.load_index(point, disk.number)
-        reader = DiskReader(point, disk, index, cache, prefetcher, readahead, log=say)
+        reader = DiskReader(point, disk, index, cache, prefetcher, readahead, log=say, point_exists=exists)
         views.append(DiskView(disk.number, reader))
     return views
 
@@ -287,20 +292,23 @@ def _start_server(
             os.close(read_fd)
             _become_server(state, options.foreground, write_fd)
             repository.backend.after_fork()
-            cache = ChunkCache(repository.chunks.get, options.cache_bytes)
-            prefetcher = Prefetcher(cache, workers=2)
-            server_views = _views(repository, point, cache, prefetcher, options.readahead_chunks, log.error)
-            for v in server_views:
-                v.volumes = volumes[v.number]
-                v.composed = composed[v.number]
+            # The server holds a reader lock for as long as it serves (its thread refreshes it; if
+            # the server dies, the lock is stale): forget keeps the point, gc keeps its chunks.
+            with repository.reading([point], options.reader, f"{options.reader} at {state.dir}"):
+                cache = ChunkCache(repository.chunks.get, options.cache_bytes)
+                prefetcher = Prefetcher(cache, workers=2)
+                server_views = _views(repository, point, cache, prefetcher, options.readahead_chunks, log.error)
+                for v in server_views:
+                    v.volumes = volumes[v.number]
+                    v.composed = composed[v.number]
 
-            def ready() -> None:
-                log.info("serving restore point %s (%s) at %s", point.id, point.name, state.dir)
-                os.write(write_fd, b"ready\n")
-                os.close(write_fd)
+                def ready() -> None:
+                    log.info("serving restore point %s (%s) at %s", point.id, point.name, state.dir)
+                    os.write(write_fd, b"ready\n")
+                    os.close(write_fd)
 
-            fusefs.serve(state.dir, server_views, f"surepoint:{state.id}", created_ns, ready)
-            prefetcher.close()
+                fusefs.serve(state.dir, server_views, f"surepoint:{state.id}", created_ns, ready)
+                prefetcher.close()
             log.info("unmounted %s", state.dir)
             code = 0
         except BaseException as exc:  # noqa: BLE001 - the server reports everything, then exits

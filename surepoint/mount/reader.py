@@ -142,8 +142,10 @@ class DiskReader:
         prefetcher: Prefetcher | None = None,
         readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS,
         log: Callable[[str], None] | None = None,
+        point_exists: Callable[[], bool] | None = None,
     ) -> None:
         self.point = point
+        self.point_exists = point_exists  # a chunk gone with its point is a forget, not damage
         self.disk = disk
         self.index = index
         self.size = index.disk_size
@@ -189,9 +191,12 @@ class DiskReader:
             if len(data) != length:
                 raise DamagedData(f"chunk {chunk_id.hex()[:16]} has {len(data)} bytes, the index wants {length}")
         except DamagedData as exc:
+            why = str(exc)
+            if self.point_exists is not None and not self.point_exists():
+                why = f"restore point {self.point.id} was removed by a concurrent forget"
             message = (
                 f"{self.describe()}: read at byte offset {read_offset} failed: "
-                f"bytes {start}-{start + length - 1} (chunk {number}): {exc}"
+                f"bytes {start}-{start + length - 1} (chunk {number}): {why}"
             )
             self._log_once(number, message)
             raise ChunkReadError(message, start, length) from None

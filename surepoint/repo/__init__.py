@@ -26,10 +26,12 @@ Layers
     in the catalog is a job (surepoint/jobs/verify.py).
 
 Locking: which operations may run at the same time, and what makes that safe
-    Lock kinds and their conflicts are in locks.CONFLICTS: `backup`, `restore` and `verify` run
-    beside each other and beside `gc` and `forget`; `forget` excludes `forget`, `gc` excludes `gc`,
+    Lock kinds and their conflicts are in locks.CONFLICTS. Readers (`restore`, `mount`, `instant`,
+    `lab`, `copy`) name the restore points they read in their lock. `backup`, readers and `verify`
+    run beside each other and beside `gc`; `forget` excludes `forget`, `gc` excludes `gc`,
     `exclusive` excludes everything. A conflicting lock makes the newcomer fail at once
-    (RepositoryLocked); nothing waits. Where two operations may overlap, this is why it is safe:
+    (RepositoryLocked), with one exception: a reader that finds a `forget` running waits for it
+    (locks.reader_lock, up to a minute). Where two operations may overlap, this is why it is safe:
 
     backup  / backup   Chunks are named by their content and put atomically, so two backups
                        writing the same chunk write the same bytes. Each backup writes its own
@@ -40,27 +42,35 @@ Locking: which operations may run at the same time, and what makes that safe
                        min(gc start, oldest live backup lock) - margin, moves a chunk to trash/
                        and looks at its mtime again before deleting it (a touch in between sends
                        it back), and a backup whose touch finds a chunk gone writes it again.
-    restore / gc       gc deletes only what no manifest refers to, and chunks are checked
-                       against their id when read: a restore of an existing point is untouched;
-                       a restore of a point forgotten meanwhile may fail with a missing chunk
-                       (DamagedData), never with wrong bytes.
-    verify  / gc       As restore/gc: a point forgotten while it is verified may show missing
-                       chunks; nothing that a live point refers to is ever deleted.
+    reader  / forget   Each writes its lock, then looks at the other's (so of two starting at once,
+                       at least one sees the other). forget keeps every point a live reader names
+                       (`forget` exits 1 naming the reader; the other points are forgotten); a
+                       reader that sees a live forget waits until it ends, then checks that its
+                       points still exist (Repository.reading: "removed by a concurrent forget"
+                       if not, before anything is read).
+    reader  / gc       gc deletes only what no manifest refers to, and a held point keeps its
+                       manifest (reader / forget): every chunk it needs stays. Chunks are checked
+                       against their id when read; should a point vanish anyway (a forget by a
+                       client without reader locks), the reader says "removed by a concurrent
+                       forget", never damage, and never returns wrong bytes.
+                       The mount server (mount, instant recovery, lab) takes its lock in the
+                       server process and holds it for as long as it serves; its refresh thread
+                       renews it, and a dead server's lock is stale the usual way.
+    verify  / gc       As restore/gc without the lock on points: a point forgotten while it is
+                       verified may show missing chunks; nothing a live point refers to is deleted.
     forget  / backup   forget deletes manifests first, then their indexes; a backup whose base
                        point is forgotten reads its disk in full (its base index is gone) or
                        re-reads any base chunk that `touch` no longer finds.
     forget  / forget   Excluded by the `forget` lock (two retention runs would race on the same
                        decisions).
     gc      / gc       Excluded by the `gc` lock.
-    mount   / any      Mounts read like restore but write no lock; they stay away from
-                       `exclusive` only (surepoint/mount/manager.py).
     logs    / gc       Log shipping writes chunks, then a record, under a `backup` lock: as
                        backup / gc; gc also keeps every chunk a log record lists.
-    copy    / gc       A copy job (surepoint/jobs/copy.py) holds a `gc` lock on its source, so
-                       no gc there removes a chunk it is about to read (a second copy from that
-                       source, or a gc there, fails at once with RepositoryLocked), and a `backup`
-                       lock on its target, where it writes like a backup (backup / gc).
+    copy               A copy job (surepoint/jobs/copy.py) holds a `copy` reader lock on its
+                       source naming the points it copies (reader / forget, reader / gc: gc and
+                       backups on the source go on), and a `backup` lock on its target, where it
+                       writes like a backup (backup / gc).
 
-    A `restore` or `verify` that cannot write its lock object (a full or read-only repository)
+    A reader or `verify` that cannot write its lock object (a full or read-only repository)
     still checks for conflicting locks and runs without one, so data can always be read back.
 """

@@ -21,23 +21,27 @@ from dataclasses import asdict, dataclass
 from surepoint.errors import RepositoryLocked, SurepointError
 from surepoint.processes import process_alive
 from surepoint.storage.backend import Backend, ObjectNotFound
+from surepoint.text import printable
 
 LOCK_PREFIX = "locks/"
 REFRESH_SECONDS = 300
 STALE_SECONDS = 1800  # a lock of another host not refreshed for this long is abandoned
 
+# Readers: jobs that read restore points and name them in their lock (`points`). A reader and
+# forget cannot both miss each other (each writes its lock, then looks): a reader that sees a live
+# forget waits for it to end; a forget that sees a reader keeps the points it names. gc removes
+# only what no restore point refers to, so the points a reader holds keep every chunk they need.
+READER_KINDS = ("restore", "mount", "instant", "lab", "copy")
 CONFLICTS: dict[str, set[str]] = {
     "backup": {"exclusive"},
-    # A reader (restore) and forget exclude each other (both ways, so that of two starting at
-    # once one always sees the other): a point being read is never forgotten, hence never
-    # collected, under the reader's feet. gc alone removes only what no point refers to.
-    "restore": {"forget", "exclusive"},
+    **{kind: {"forget", "exclusive"} for kind in READER_KINDS},
     "verify": {"exclusive"},
-    "forget": {"forget", "restore", "exclusive"},
+    "forget": {"forget", "exclusive"},  # readers: not a conflict, their points are kept (held_points)
     "gc": {"gc", "exclusive"},
-    "exclusive": {"backup", "restore", "verify", "forget", "gc", "exclusive"},
+    "exclusive": {"backup", "verify", "forget", "gc", "exclusive", *READER_KINDS},
 }
-READ_ONLY_KINDS = {"restore", "verify"}  # jobs that only read the repository
+READ_ONLY_KINDS = {"verify", *READER_KINDS}  # jobs that only read the repository
+MAX_LOCK_POINTS = 100_000
 
 
 @dataclass
@@ -48,10 +52,16 @@ class LockRecord:
     pid: int
     created: float
     refreshed: float
+    points: list[str] | None = None  # readers: the restore points they read
+    purpose: str | None = None  # readers: what for ("mount at /mnt/x"), for the messages that name them
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created))
-        return f"{self.kind} by pid {self.pid} on {self.host} since {when}"
+        what = f" ({printable(self.purpose)})" if self.purpose else ""
+        return f"{self.kind}{what} by pid {self.pid} on {self.host} since {when}"
+
+    def to_json(self) -> bytes:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}).encode()
 
 
 def is_stale(lock: LockRecord, now: float | None = None) -> bool:
@@ -63,18 +73,26 @@ def is_stale(lock: LockRecord, now: float | None = None) -> bool:
 LOCK_FIELDS = {"id": str, "kind": str, "host": str, "pid": int, "created": (int, float), "refreshed": (int, float)}
 
 
+OPTIONAL_LOCK_FIELDS = {"points": list, "purpose": str}
+
+
 def parse_lock(data: bytes) -> LockRecord:
     """A lock record with every field checked (ValueError when one is wrong)."""
     raw = json.loads(data)
-    if not isinstance(raw, dict) or set(raw) != set(LOCK_FIELDS):
+    if not isinstance(raw, dict) or not set(LOCK_FIELDS) <= set(raw) <= set(LOCK_FIELDS) | set(OPTIONAL_LOCK_FIELDS):
         raise ValueError("not a lock record")
-    for key, types in LOCK_FIELDS.items():
-        if isinstance(raw[key], bool) or not isinstance(raw[key], types):
+    for key, types in (LOCK_FIELDS | OPTIONAL_LOCK_FIELDS).items():
+        if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], types)):
             raise ValueError(f"lock record: {key} has the wrong type")
     if raw["kind"] not in CONFLICTS or not 0 < raw["pid"] < 1 << 32:
         raise ValueError("lock record: unknown kind or impossible pid")
     if not all(0 <= raw[k] < 1e11 for k in ("created", "refreshed")):
         raise ValueError("lock record: impossible time")
+    points = raw.get("points", [])
+    if len(points) > MAX_LOCK_POINTS or not all(isinstance(p, str) and 0 < len(p) <= 64 for p in points):
+        raise ValueError("lock record: bad restore point list")
+    if len(raw.get("purpose", "")) > 4096:
+        raise ValueError("lock record: purpose too long")
     return LockRecord(**raw)
 
 
@@ -101,14 +119,36 @@ def remove_stale_locks(backend: Backend) -> list[LockRecord]:
     return removed
 
 
+class LockConflict(RepositoryLocked):
+    """A conflicting lock is held; `other` is its record."""
+
+    def __init__(self, other: LockRecord) -> None:
+        super().__init__(f"repository is locked ({other.describe()})")
+        self.other = other
+
+
+def held_points(backend: Backend) -> dict[str, LockRecord]:
+    """The restore points that live readers hold: point id -> the reader's lock (forget keeps them)."""
+    held: dict[str, LockRecord] = {}
+    for lock in read_locks(backend):
+        if lock.kind in READER_KINDS and lock.points and not is_stale(lock):
+            for point in lock.points:
+                held.setdefault(point, lock)
+    return held
+
+
 @contextmanager
-def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
-    """Hold a lock of `kind` for the duration of the block; fail at once if a conflicting one is held."""
+def repository_lock(
+    backend: Backend, kind: str, *, points: list[str] | None = None, purpose: str | None = None
+) -> Iterator[LockRecord]:
+    """Hold a lock of `kind` for the duration of the block; fail at once if a conflicting one is held.
+
+    Readers name the restore points they read in `points` (and what they are, in `purpose`)."""
     now = time.time()
-    record = LockRecord(secrets.token_hex(8), kind, socket.gethostname(), os.getpid(), now, now)
+    record = LockRecord(secrets.token_hex(8), kind, socket.gethostname(), os.getpid(), now, now, points, purpose)
     name = LOCK_PREFIX + record.id
     try:
-        backend.put(name, json.dumps(asdict(record)).encode())
+        backend.put(name, record.to_json())
         held = True
     except SurepointError:
         # A full or read-only repository can still be read: a reading job checks for conflicts
@@ -125,7 +165,7 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
         for other in read_locks(backend):
             if other.id == record.id or other.kind not in CONFLICTS[kind] or is_stale(other):
                 continue
-            raise RepositoryLocked(f"repository is locked ({other.describe()})")
+            raise LockConflict(other)
     except BaseException:  # a conflict, or an interruption right after the lock was written
         if held:
             with suppress(Exception):
@@ -140,7 +180,7 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
         while not stop.wait(REFRESH_SECONDS):
             record.refreshed = time.time()
             with contextlib.suppress(Exception):  # a failed refresh must not kill the job
-                backend.put(name, json.dumps(asdict(record)).encode())
+                backend.put(name, record.to_json())
 
     refresher = threading.Thread(target=refresh, name="lock-refresh", daemon=True)
     try:
@@ -150,3 +190,35 @@ def repository_lock(backend: Backend, kind: str) -> Iterator[LockRecord]:
         stop.set()
         with suppress(ObjectNotFound):
             backend.delete(name)
+
+
+FORGET_WAIT_SECONDS = 60.0
+
+
+@contextmanager
+def reader_lock(
+    backend: Backend,
+    kind: str,
+    points: list[str],
+    purpose: str,
+    *,
+    wait: float = FORGET_WAIT_SECONDS,
+    poll: float = 0.2,
+) -> Iterator[LockRecord]:
+    """A reader's lock naming `points`; a running forget is waited for (it is short), up to `wait` s.
+
+    The caller checks, once this is held, that its points still exist: one forgotten before the
+    lock was in place is gone for good (Repository.reading does both)."""
+    assert kind in READER_KINDS
+    deadline = time.monotonic() + wait
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                record = stack.enter_context(repository_lock(backend, kind, points=list(points), purpose=purpose))
+            except LockConflict as exc:
+                if exc.other.kind != "forget" or time.monotonic() >= deadline:
+                    raise
+                time.sleep(poll)
+                continue
+            break
+        yield record

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from surepoint.errors import (
     AmbiguousReference,
@@ -14,6 +14,7 @@ from surepoint.errors import (
     NoSuchDisk,
     NotARepository,
     NotEncrypted,
+    RestorePointForgotten,
     RestorePointNotFound,
     SurepointError,
     UnreadableRestorePoints,
@@ -24,7 +25,7 @@ from surepoint.repo.chunks import CHUNK_PREFIX, TRASH_PREFIX, ChunkStore
 from surepoint.repo.envelope import KIND_INDEX, KIND_MANIFEST, Envelope
 from surepoint.repo.fixed_index import FixedIndex
 from surepoint.repo.known import KnownRepositories
-from surepoint.repo.locks import LOCK_PREFIX
+from surepoint.repo.locks import LOCK_PREFIX, reader_lock
 from surepoint.repo.manifest import RestorePoint, peek_name_and_time
 from surepoint.storage.backend import Backend, ObjectNotFound
 from surepoint.timestamps import utc_now
@@ -341,6 +342,22 @@ class Repository:
         self.backend.sync()
         name = MANIFEST_PREFIX + restore_point.id
         self.backend.put(name, self.envelope.seal(KIND_MANIFEST, name, restore_point.to_json()), durable=True)
+
+    @contextlib.contextmanager
+    def reading(
+        self, points: Sequence[RestorePoint], kind: str, purpose: str, *, require_all: bool = True
+    ) -> Iterator[list[str]]:
+        """Hold a reader lock on `points` (forget keeps them, so gc keeps their chunks) while the block runs.
+
+        Yields the ids of those forgotten before the lock was in place (RestorePointForgotten
+        instead when `require_all`)."""
+        with reader_lock(self.backend, kind, [p.id for p in points], purpose):
+            gone = [p.id for p in points if not self.backend.exists(MANIFEST_PREFIX + p.id)]
+            if gone and require_all:
+                raise RestorePointForgotten(
+                    f"restore point {', '.join(gone)} was removed by a concurrent forget before it could be read"
+                )
+            yield gone
 
     def delete_restore_point(self, restore_point: RestorePoint) -> None:
         """Remove the manifest first (the point ceases to exist), then its indexes.

@@ -15,7 +15,6 @@ from surepoint.errors import DamagedData, SurepointError, TargetError
 from surepoint.repo.backup import default_workers, in_flight_limit
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.fixed_index import FixedIndex
-from surepoint.repo.locks import repository_lock
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 
@@ -121,7 +120,8 @@ def restore_disk(
             ) from None
 
     try:
-        with repository_lock(repository.backend, "restore"), ThreadPoolExecutor(workers) as pool:
+        reading = repository.reading([restore_point], "restore", f"restore to {target}")
+        with reading, ThreadPoolExecutor(workers) as pool:
             # A sliding window: `in_flight` chunks are fetched, checked and decrypted ahead of the one
             # being written, in disk order, so the target is written sequentially and never waits
             # for a whole batch.

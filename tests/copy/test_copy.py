@@ -159,21 +159,26 @@ def test_target_retention_is_its_own(tmp_path: Path, source: Repo):
     assert target.point_ids() == ids[-1:]
 
 
-def test_copy_holds_off_gc_on_the_source(tmp_path: Path, source: Repo):
+def test_copy_holds_off_forget_and_gc_of_what_it_reads(tmp_path: Path, source: Repo):
+    """The copy holds a reader lock naming its points: gc on the source runs, forget keeps them
+    (both at once, in tests/security/test_reader_locks.py, with the copy stopped at a checkpoint)."""
     image = tmp_path / "disk.img"
     make_random_image(image, 2 * MiB, seed=5)
-    source.backup(image, name="vm")
+    old = source.backup(image, name="vm")["id"]
+    make_random_image(image, 2 * MiB, seed=6)
+    new = source.backup(image, name="vm")["id"]
     target = Repo(tmp_path / "dst", encryption="none")
     target.init()
     env = target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase)
     proc = target.popen("copy", "--from", str(source.path), "--bandwidth", "64K", "--workers", "1", env=env)
     try:
         assert wait_for(lambda: source.locks(), timeout=30)
-        source.fails("gc", code=1, words=["locked"])
+        source.ok("gc", "--grace", "0")
+        source.fails("forget", "--keep-last", "1", code=1, words=["being read", "copy", old])
     finally:
         proc.kill()
         proc.wait()
-    assert source.point_ids() and target.points() == []
+    assert source.point_ids() == [old, new] and target.points() == []
 
 
 def test_copy_to_an_append_only_ssh_server_and_back(sshd, tmp_path: Path, source: Repo):

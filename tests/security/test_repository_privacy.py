@@ -47,8 +47,11 @@ def test_forget_refuses_while_a_restore_reads(cli, tmp_path):
     image = make_image(tmp_path / "disk.img", 2 * MiB)
     cli.run("backup", str(image), "--name", "disk", check=True)
     cli.run("backup", str(image), "--name", "disk", check=True)
-    with repository_lock(LocalBackend(str(cli.repo)), "restore"):  # a restore at work, in this process
+    oldest = cli.points()[0]["id"]
+    backend = LocalBackend(str(cli.repo))
+    with repository_lock(backend, "restore", points=[oldest], purpose="restore to /x"):  # a restore at work
         refused = cli.run("forget", "--keep-last", "1")
-        assert refused.returncode == 1 and "restore by pid" in refused.stderr
+        assert refused.returncode == 1 and "restore (restore to /x) by pid" in refused.stderr
+        assert oldest in refused.stderr and len(cli.points()) == 2
     cli.run("forget", "--keep-last", "1", check=True)
     assert len(cli.points()) == 1
