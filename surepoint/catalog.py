@@ -189,7 +189,8 @@ class Catalog:
     def verification_summary(self, repository: str, restore_point: str, bootable: bool = False) -> dict[str, str]:
         """The latest integrity and recovery results of a restore point, and what they add up to.
 
-        integrity: unverified / verified / damaged (its chunks re-read and checked).
+        integrity: unverified / verified / damaged (its chunks re-read and checked) / healed (damaged
+        once, whole again).
         recovery: unverified / verified / failed (booted in a lab and its tests run).
         state: damaged or failed when either says so; verified when its chunks are intact and, for
         a restore point a lab can boot (RestorePoint.bootable), the lab tests passed too; intact when only the chunks
@@ -203,6 +204,8 @@ class Catalog:
             state = "damaged"
         elif recovery_state == "failed":
             state = "failed"
+        elif integrity_state == "healed":  # was damaged, made whole by verify --repair or a later backup
+            state = "healed"
         elif integrity_state == "verified" and (recovery_state == "verified" or not bootable):
             state = "verified"
         elif integrity_state == "verified":

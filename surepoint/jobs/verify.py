@@ -6,7 +6,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from surepoint.catalog import Catalog
+from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.repair import RepairReport, repair
 from surepoint.repo.repository import Repository
 from surepoint.repo.verify import VerifyReport, verify
 
@@ -42,3 +44,36 @@ def record(catalog: Catalog, repository_id: str, report: VerifyReport) -> None:
             catalog.record_verification(
                 repository_id, point.id, "integrity", point.state, {"damaged": [asdict(r) for r in point.damaged]}
             )
+
+
+def repair_and_record(
+    repository: Repository,
+    points: Sequence[RestorePoint],
+    catalog: Catalog,
+    *,
+    other: Repository | None = None,
+    workers: int = 4,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RepairReport:
+    """Verify every chunk of `points`, repair what can be (repo/repair.py), record states and events.
+
+    A point found damaged earlier (in the catalog) and whole now is recorded `healed`."""
+    before = {p.id: (catalog.latest_verification(repository.id, p.id, "integrity") or {}).get("state") for p in points}
+    found = verify(repository, points, workers=workers, progress=progress, on_plan=on_plan)
+    catalog.record_chunk_checks(repository.id, found.good_chunks)
+    catalog.forget_chunk_checks(repository.id, found.bad_chunks)
+    report = repair(repository, points, found, other=other, log=log)
+    events = EventRecorder(catalog, repository.id)
+    for point in report.points:
+        if point.state == "verified" and before.get(point.id) in ("damaged", "healed"):
+            point.state = "healed"
+        details = {"damaged": [asdict(r) for r in point.damaged], "lost": [asdict(r) for r in point.lost]}
+        catalog.record_verification(repository.id, point.id, "integrity", point.state, details)
+        if point.state == "healed":
+            events.record(Component.REPOSITORY, Phase.VERIFY, Outcome.OK, "healed", restore_point=point.id)
+        elif point.state == "damaged":
+            what = f"{len(point.lost)} range(s) lost, {len(point.damaged)} still damaged"
+            events.record(Component.REPOSITORY, Phase.VERIFY, Outcome.FAILED, what, restore_point=point.id)
+    return report

@@ -10,12 +10,13 @@ Format (docs/repository-format.md is the byte-level reference; code and document
     logs/<series>/<w>/<f>   a record of one shipped transaction-log file, stored as chunks (logstore.py)
     locks/<id>              who works on the repository, and since when (locks.py)
     trash/<id>              a chunk garbage collection is about to delete (gc.py)
+    quarantine/<id>         a chunk verify --repair found damaged, set aside (repair.py)
 
     Chunks, indexes, manifests and log records are wrapped in one envelope (envelope.py): a
     header naming the kind, compression and cipher, then either a BLAKE3 checksum or AEAD
     encryption whose associated data binds the object to its name. Every restore point is a full image: forgetting
     one never damages another. repository.py ties these together (create, open, resolve, commit);
-    backup.py, restore.py, verify.py, gc.py and retention.py are the operations on top.
+    backup.py, restore.py, verify.py, repair.py, gc.py and retention.py are the operations on top.
 
 Layers
     This package imports only surepoint.storage, surepoint.errors, the shared helpers

@@ -25,6 +25,7 @@ from surepoint.errors import DamagedData, ObjectLocked, StorageError, Unreadable
 from surepoint.repo import logstore
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
+from surepoint.repo.repair import QUARANTINE_PREFIX
 from surepoint.repo.repository import INDEX_PREFIX, TRASH_PREFIX, Repository
 from surepoint.storage.backend import Backend, ObjectNotFound
 
@@ -162,6 +163,14 @@ def collect_garbage(
             _delete_quietly(backend, trash)
             result.removed_chunks += 1
             result.removed_bytes += info.size
+
+        for info in list(backend.list(QUARANTINE_PREFIX)):  # damaged copies set aside by verify --repair
+            chunk_id = chunk_id_from_name(info.name)
+            if chunk_id not in referenced and info.mtime < cutoff and not locked(info.name):
+                result.removed_chunks += 1
+                result.removed_bytes += info.size
+                if not dry_run:
+                    _delete_quietly(backend, info.name)
 
         for info in backend.list(INDEX_PREFIX):
             if info.name not in live_indexes and info.mtime < cutoff and not locked(info.name):
