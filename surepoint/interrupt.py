@@ -33,8 +33,16 @@ class Interrupted(BaseException):  # noqa: N818 - named like KeyboardInterrupt, 
 class Stake:
     """What stopping now would leave behind, and how to record it as an event."""
 
-    description: str  # "target /dev/vg0/web01 is half written"
+    description: str | Callable[[], str]  # "target /dev/vg0/web01 is half written", or made when asked
     record: Callable[[str], None] | None = None
+
+    def text(self) -> str:
+        if not callable(self.description):
+            return self.description
+        try:
+            return self.description()
+        except Exception:  # noqa: BLE001 - a broken description must not hide the interruption
+            return "state unknown"
 
 
 _stakes: list[Stake] = []
@@ -42,8 +50,10 @@ _lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def at_stake(description: str, record: Callable[[str], None] | None = None) -> Iterator[None]:
-    """While the block runs, an interruption reports `description` (and records it with `record`)."""
+def at_stake(description: str | Callable[[], str], record: Callable[[str], None] | None = None) -> Iterator[None]:
+    """While the block runs, an interruption reports `description` (and records it with `record`).
+
+    `description` may be a function, asked when the interruption comes ("3 of 7 files restored")."""
     stake = Stake(description, record)
     with _lock:
         _stakes.append(stake)
@@ -59,8 +69,23 @@ def stakes() -> list[Stake]:
         return list(_stakes)
 
 
+_received: list[int] = []  # the first signal received, for worker threads (stop_point)
+
+
 def _raise(signum, frame) -> None:
+    if not _received:
+        _received.append(signum)
     raise Interrupted(signum)
+
+
+def stop_point() -> None:
+    """In a worker thread: stop (raise Interrupted) once the command was signalled.
+
+    Signals reach the main thread only; threads doing the work (chunk readers and writers, VMs
+    backed up in parallel) call this between pieces of work, so that an interrupted command ends
+    promptly instead of finishing every queued piece first."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def handle_signals() -> None:
@@ -72,13 +97,14 @@ def handle_signals() -> None:
 def report(exc: Interrupted) -> str:
     """The one line an interruption prints; each stake's event is recorded (failures ignored)."""
     held = exc.stakes
-    for stake in held:
+    texts = [stake.text() for stake in held]
+    for stake, text in zip(held, texts, strict=True):
         if stake.record is not None:
             with contextlib.suppress(Exception):
-                stake.record(f"{exc}: {stake.description}")
+                stake.record(f"{exc}: {text}")
     if not held:
         return f"{exc}"
-    return f"{exc}: " + "; ".join(stake.description for stake in held)
+    return f"{exc}: " + "; ".join(texts)
 
 
 # Testing aid: deterministic pauses ---------------------------------------------------------------

@@ -29,11 +29,16 @@ from surepoint.cli.common import (
 )
 from surepoint.errors import UsageError
 from surepoint.events import EventRecorder
+from surepoint.interrupt import at_stake
 from surepoint.jobs.file_backup import backup_files
 from surepoint.jobs.host_backup import run_job
 from surepoint.jobs.job_file import load_job
 from surepoint.progress import byte_progress
 from surepoint.repo.manifest import RestorePoint
+
+# What an interrupted backup leaves (the jobs record the event): the restore point is committed
+# last, so there is none, and the chunks stored so far are found and reused by the next backup.
+BACKUP_STAKE = "no restore point was written; chunks already stored are reused by the next backup"
 
 
 def backup(
@@ -84,7 +89,7 @@ def backup(
     repo = c.open_repository()
     catalog = c.catalog()
     # The bar can only be drawn once the job knows the size; it closes with the job.
-    with contextlib.ExitStack() as bars:
+    with at_stake(BACKUP_STAKE), contextlib.ExitStack() as bars:
 
         def progress(label: str) -> Callable[[int], Callable[[int], None]]:
             return lambda total: bars.enter_context(byte_progress(err, f"backup {label}", total))

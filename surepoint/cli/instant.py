@@ -11,6 +11,7 @@ import typer
 from surepoint.cli.common import Context, JsonOption, err, out, parse_size, print_json, with_hints
 from surepoint.errors import InUse, NotAVmBackup, NotFound, UsageError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.interrupt import at_stake
 
 
 def register(app: typer.Typer) -> None:
@@ -93,7 +94,12 @@ def register(app: typer.Typer) -> None:
                 else:
                     out.print(f"discarded the instant VM of {session.restore_point} in {session.workdir}")
                 return
-            session = migrate_instant(workdir, migrate_to, log=say)  # type: ignore[arg-type]
+            stake = (
+                f"the instant VM in {workdir} keeps running; a mirror that had not switched over is cancelled and "
+                "its target images removed (migrate again)"
+            )
+            with at_stake(stake):
+                session = migrate_instant(workdir, migrate_to, log=say)  # type: ignore[arg-type]
             with contextlib.suppress(Exception):
                 EventRecorder(c.catalog(), session.repository).record(
                     Component.INSTANT,
@@ -114,14 +120,15 @@ def register(app: typer.Typer) -> None:
             raise UsageError("give the restore point to boot (or --migrate-to / --discard with --workdir)")
         repo = c.open_repository()
         point = repo.resolve(restore_point)
-        session = start_instant(
-            repo,
-            point,
-            workdir,
-            boot_timeout=boot_timeout,
-            options=MountOptions(cache_bytes=parse_size(cache_size)),
-            log=say,
-        )
+        with at_stake("no instant VM was left running: its VM, overlays and repository mount are removed"):
+            session = start_instant(
+                repo,
+                point,
+                workdir,
+                boot_timeout=boot_timeout,
+                options=MountOptions(cache_bytes=parse_size(cache_size)),
+                log=say,
+            )
         with contextlib.suppress(Exception):
             EventRecorder(c.catalog(), repo.id).record(
                 Component.INSTANT,

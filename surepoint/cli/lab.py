@@ -4,13 +4,13 @@ No `from __future__ import annotations` here: typer evaluates the annotations of
 """
 
 import os
-import signal
 from typing import Annotated
 
 import typer
 
 from surepoint.cli.common import EXIT_DAMAGE, Context, JsonOption, err, out, parse_size, print_json, with_hints
 from surepoint.errors import NeedsRoot, UsageError
+from surepoint.interrupt import at_stake
 
 EXIT_RECOVERY_FAILED = 4
 DEFAULT_REPORT_DIR = "/var/lib/surepoint/lab-reports"
@@ -96,11 +96,9 @@ def register(app: typer.Typer) -> None:
         points = _targets(repo, targets)
         say = (lambda m: None) if as_json else (lambda m: err.print(f"  {m}"))
 
-        def stop(signum: int, _frame: object) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        previous = signal.signal(signal.SIGTERM, stop)  # tear the lab down on kill as on Ctrl-C
-        try:
+        # SIGINT and SIGTERM (surepoint.interrupt) tear the lab down on the way out, and say so.
+        stake = "the lab is torn down (its VMs stopped, overlays, mounts and network removed); no report was written"
+        with at_stake(stake):
             lab = Lab(
                 repo,
                 catalog,
@@ -112,8 +110,6 @@ def register(app: typer.Typer) -> None:
                 log=say,
             )
             report = lab.run()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         json_path, text_path = report.write(report_dir)
         prune_after_verify(repo, catalog, lab.booted, inventory=inventory, log=say)
         if as_json:

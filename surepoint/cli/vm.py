@@ -21,6 +21,7 @@ from surepoint.cli.common import (
 )
 from surepoint.errors import InUse, NotAVmBackup, SurepointError, UsageError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.interrupt import at_stake
 from surepoint.jobs.vm_backup import VmJobOptions
 from surepoint.jobs.vm_fleet import backup_vms
 from surepoint.jobs.vm_restore import VmRestoreOptions, restore_disks_into, restore_vm
@@ -73,6 +74,13 @@ def vm_backup(
     )
 
 
+# An interrupted VM backup (the VM jobs record their events): the restore point is committed last.
+VM_BACKUP_STAKE = (
+    "no restore point was written for a VM whose backup had not finished (its guest is thawed and its "
+    "backup view removed); chunks already stored are reused by the next backup"
+)
+
+
 def backup_and_report(
     c: Context,
     names: list[str],
@@ -101,7 +109,8 @@ def backup_and_report(
         skip_free=skip_free,
         fstrim=fstrim,
     )
-    outcomes = backup_vms(repo, c.catalog(), names, options, parallel=parallel, inventory=inventory, log=log_line)
+    with at_stake(VM_BACKUP_STAKE):
+        outcomes = backup_vms(repo, c.catalog(), names, options, parallel=parallel, inventory=inventory, log=log_line)
     results = [o.to_json() for o in outcomes]
     if as_json:
         print_json({"vms": results})

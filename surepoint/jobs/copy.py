@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from surepoint.errors import DamagedData, InvalidArgument, SurepointError
 from surepoint.events import Component, EventRecorder, EventStore, Outcome, Phase
-from surepoint.interrupt import checkpoint
+from surepoint.interrupt import at_stake, checkpoint
 from surepoint.repo.chunks import ZERO_ID, chunk_object_name
 from surepoint.repo.envelope import KIND_CHUNK
 from surepoint.repo.fixed_index import FixedIndex
@@ -338,7 +338,18 @@ def copy_restore_points(
         # A reader lock on the points to copy: forget on the source keeps them (and so gc keeps
         # their chunks) until the copy ends; one forgotten before the lock was in place is skipped.
         reading = source.reading(wanted, "copy", f"copy to {target.backend.location}", require_all=False)
-        with reading as gone:
+        planned = len(wanted)
+
+        def state() -> str:
+            return (
+                f"{len(result.copied)} of {planned} restore point(s) copied to {target.backend.location}; no partial "
+                "restore point is left there, and the chunks already sent are not sent again by the next copy"
+            )
+
+        def record(message: str) -> None:
+            EventRecorder(events, target.id).record(Component.COPY, Phase.FINISH, Outcome.FAILED, message)
+
+        with at_stake(state, record), reading as gone:
             wanted = [p for p in wanted if p.id not in gone]
             for point in (p for p in source_points if p.id in gone):
                 result.skipped.append(Skipped(point.id, point.name, "forgotten on the source before the copy"))

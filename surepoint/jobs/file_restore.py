@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from surepoint.errors import InvalidArgument, SurepointError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.interrupt import at_stake
 from surepoint.jobs.guest_volumes import mount_options
 from surepoint.jobs.progress import Log, no_log
 from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, pick_volume
@@ -108,21 +109,33 @@ def restore_files(
             os.rmdir(own_dir)
             raise
     report = CopyReport()
+
+    def left() -> str:
+        return (
+            f"{report.files} files, {report.dirs} directories and {report.symlinks} symlinks restored to "
+            f"{request.where} before the interruption (a file being written is removed); the rest are missing"
+        )
+
+    def record(message: str) -> None:
+        if events is not None:
+            events.record(Component.RESTORE, Phase.FILES, Outcome.FAILED, message, restore_point=point.id)
+
     try:
-        volume = _source(state, request)
-        if request.into_vm:
-            agent = guest_agent_for(request.into_vm, request.inventory)
-            try:
-                target = GuestTarget(agent, request.target, request.overwrite, report, request.keep_setuid)
-                copy_files(volume["path"], request.paths, target, report)
-            finally:
-                agent.close()
-        else:
-            target = LocalTarget(request.target, request.overwrite, report, request.keep_setuid)
-            try:
-                copy_files(volume["path"], request.paths, target, report)
-            finally:
-                target.close()
+        with at_stake(left, record):
+            volume = _source(state, request)
+            if request.into_vm:
+                agent = guest_agent_for(request.into_vm, request.inventory)
+                try:
+                    target = GuestTarget(agent, request.target, request.overwrite, report, request.keep_setuid)
+                    copy_files(volume["path"], request.paths, target, report)
+                finally:
+                    agent.close()
+            else:
+                target = LocalTarget(request.target, request.overwrite, report, request.keep_setuid)
+                try:
+                    copy_files(volume["path"], request.paths, target, report)
+                finally:
+                    target.close()
     finally:
         if own_dir is not None:
             try:

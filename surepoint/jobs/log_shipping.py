@@ -17,6 +17,7 @@ from surepoint.consistency.log_sources import LOG_SOURCES
 from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.errors import ConfigError, SurepointError
 from surepoint.events import EventRecorder
+from surepoint.interrupt import at_stake
 from surepoint.jobs.job_file import JobConfig
 from surepoint.repo.locks import repository_lock
 from surepoint.repo.logstore import LogStore
@@ -123,7 +124,18 @@ def _ship(repository, catalog, job, configs, sources, say) -> list[ShipReport]:
         say(f"{component} ship-logs: {outcome} {message}")
 
     failures: list[Exception] = []  # one writer's failure does not stop the others
-    with repository_lock(repository.backend, "backup"):
+    shipped: list[str] = []
+
+    def left() -> str:
+        return (
+            f"{len(shipped)} log file(s) shipped and recorded before the interruption; a file being shipped has "
+            "no record (the next run ships it again) and nothing more was removed on the server"
+        )
+
+    def record(message: str) -> None:
+        recorder("job", "ship-logs", "failed", message)
+
+    with at_stake(left, record), repository_lock(repository.backend, "backup"):
         for config in configs:
             writer = config["type"]
             report = ShipReport(writer)
@@ -139,6 +151,7 @@ def _ship(repository, catalog, job, configs, sources, say) -> list[ShipReport]:
                 for log, data in source.read(new):
                     store.put(job.name, writer, log.file, data, log.covers_until)
                     report.shipped.append(log.file)
+                    shipped.append(log.file)
                 report.removed_on_server = source.remove_shipped(closed)
                 keep_from = first_needed_log(repository, job.name, writer)
                 if keep_from:

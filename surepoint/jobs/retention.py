@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.interrupt import at_stake, checkpoint
 from surepoint.repo.locks import held_points, repository_lock
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import MANIFEST_PREFIX, Repository
@@ -81,8 +82,19 @@ def forget_by_policy(
     decisions = plan_retention(points, policy)
     forget = {d.id for d in decisions if not d.keep}
     locked_until = getattr(repository.backend, "locked_until", None)
+    done: list[str] = []
+
+    def state() -> str:
+        return (
+            f"{len(done)} of {len(forget)} restore point(s) forgotten before the interruption (their data goes "
+            "at the next gc); the others are kept"
+        )
+
+    def record(message: str) -> None:
+        events.record(Component.RETENTION, Phase.FORGET, Outcome.FAILED, message)
+
     if not dry_run and forget:
-        with repository_lock(repository.backend, "forget"):
+        with at_stake(state, record), repository_lock(repository.backend, "forget"):
             # Readers that started before this lock was written are seen here; one starting later
             # sees this lock and waits (repo/locks.py): a point being read is never forgotten.
             held = held_points(repository.backend)
@@ -107,7 +119,9 @@ def forget_by_policy(
                         decisions[i] = replace(decisions[i], locked_until=when)
                         continue
                     repository.delete_restore_point(p)
+                    done.append(p.id)
                     events.record(
                         Component.RETENTION, Phase.FORGET, Outcome.OK, "forgotten by policy", restore_point=p.id
                     )
+                    checkpoint("forget-point")
     return ForgetResult(dry_run, decisions)

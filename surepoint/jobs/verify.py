@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from surepoint.catalog import Catalog
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.interrupt import at_stake
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repair import RepairReport, repair
 from surepoint.repo.repository import Repository
@@ -30,9 +31,42 @@ def verify_and_record(
     is passed to `repo.verify.verify`.
     """
     skip = catalog.chunks_checked_since(repository.id, since) if since else set()
-    report = verify(repository, points, sample=sample, skip=skip, workers=workers, progress=progress, on_plan=on_plan)
+    count = _Count(progress, on_plan)
+    with at_stake(
+        count.state("no verification result was recorded (run verify again)"), _recorder(catalog, repository)
+    ):
+        report = verify(
+            repository, points, sample=sample, skip=skip, workers=workers, progress=count.advance, on_plan=count.plan
+        )
     record(catalog, repository.id, report)
     return report
+
+
+class _Count:
+    """Chunks checked so far, for the line an interruption prints."""
+
+    def __init__(self, progress: Callable[[int], None] | None, on_plan: Callable[[int], None] | None) -> None:
+        self.done = 0
+        self.total: int | None = None
+        self._progress, self._on_plan = progress, on_plan
+
+    def plan(self, total: int) -> None:
+        self.total = total
+        if self._on_plan:
+            self._on_plan(total)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._progress:
+            self._progress(n)
+
+    def state(self, rest: str) -> Callable[[], str]:
+        return lambda: f"{self.done} of {self.total if self.total is not None else '?'} chunks checked; {rest}"
+
+
+def _recorder(catalog: Catalog, repository: Repository) -> Callable[[str], None]:
+    events = EventRecorder(catalog, repository.id)
+    return lambda message: events.record(Component.REPOSITORY, Phase.VERIFY, Outcome.FAILED, message)
 
 
 def record(catalog: Catalog, repository_id: str, report: VerifyReport) -> None:
@@ -61,10 +95,14 @@ def repair_and_record(
 
     A point found damaged earlier (in the catalog) and whole now is recorded `healed`."""
     before = {p.id: (catalog.latest_verification(repository.id, p.id, "integrity") or {}).get("state") for p in points}
-    found = verify(repository, points, workers=workers, progress=progress, on_plan=on_plan)
+    count = _Count(progress, on_plan)
+    with at_stake(count.state("nothing was repaired or recorded (run it again)"), _recorder(catalog, repository)):
+        found = verify(repository, points, workers=workers, progress=count.advance, on_plan=count.plan)
     catalog.record_chunk_checks(repository.id, found.good_chunks)
     catalog.forget_chunk_checks(repository.id, found.bad_chunks)
-    report = repair(repository, points, found, other=other, log=log)
+    stake = "repair stopped: chunks quarantined so far stay in quarantine/, run verify --repair again to finish"
+    with at_stake(stake, _recorder(catalog, repository)):
+        report = repair(repository, points, found, other=other, log=log)
     events = EventRecorder(catalog, repository.id)
     for point in report.points:
         if point.state == "verified" and before.get(point.id) in ("damaged", "healed"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from surepoint.catalog import Catalog
 from surepoint.errors import SurepointError
 from surepoint.events import EventRecorder
+from surepoint.interrupt import stop_point
 from surepoint.jobs.progress import Log, no_log
 from surepoint.jobs.vm_backup import VmJobOptions, VmJobResult, backup_vm
 from surepoint.repo.repository import Repository
@@ -62,6 +63,7 @@ def backup_vms(
     `parallel` at once; the outcomes in the order of `names`."""
 
     def one(name: str) -> VmBackupOutcome:
+        stop_point()  # interrupted meanwhile: a VM not started yet is not started
         try:
             vm = find_vm(name, inventory)
             result = backup_vm(repository, catalog, vm, options, events=events, log=log)
@@ -69,5 +71,10 @@ def backup_vms(
             return VmBackupOutcome(name, error=str(exc))
         return VmBackupOutcome(name, result=result)
 
-    with ThreadPoolExecutor(max(1, min(parallel, len(names)))) as pool:
+    pool = ThreadPoolExecutor(max(1, min(parallel, len(names))))
+    try:
         return list(pool.map(one, names))
+    finally:
+        # Interrupted: VMs not started are dropped; running ones stop at their next chunk (stop_point),
+        # thaw their guest and remove their backup view on the way out.
+        pool.shutdown(wait=True, cancel_futures=True)

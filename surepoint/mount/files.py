@@ -38,6 +38,7 @@ What a guest's files may do to the host that restores them:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -47,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.errors import InvalidArgument, SurepointError
+from surepoint.interrupt import checkpoint
 from surepoint.text import printable
 
 COPY_BLOCK = 1 << 20
@@ -223,6 +225,10 @@ class LocalTarget:
             self.report.sparse_bytes += st.st_size - sum(e - s for s, e in data_ranges(fd, st.st_size))
             self._copy_xattrs(src_fd, fd, rel)
             self._set_metadata_fd(fd, st, rel, regular=True)
+        except BaseException:  # failed or interrupted: no partial file is left under its name
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=parent)
+            raise
         finally:
             os.close(fd)
 
@@ -471,6 +477,7 @@ def _copy_entry(src: str, st: os.stat_result, parent, name: str, rel: str, targe
             finally:
                 os.close(fd)
             report.files += 1
+            checkpoint("restore-file")
         elif stat.S_ISDIR(mode):
             if depth >= MAX_DEPTH:
                 report.errors.append(f"{rel}: directories nested deeper than {MAX_DEPTH}; skipped")

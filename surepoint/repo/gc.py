@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.errors import DamagedData, ObjectLocked, StorageError, UnreadableRestorePoints
+from surepoint.interrupt import checkpoint
 from surepoint.repo import logstore
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
@@ -60,10 +61,13 @@ def collect_garbage(
     dry_run: bool = False,
     margin: float = MARGIN_SECONDS,
     log: Callable[[str], None] | None = None,
+    result: GcResult | None = None,
 ) -> GcResult:
+    """Remove what no restore point refers to; `result` (if given) is filled in as the work goes."""
     say = log or (lambda _m: None)
     backend = repository.backend
-    result = GcResult(dry_run=dry_run)
+    result = result if result is not None else GcResult(dry_run=dry_run)
+    result.dry_run = dry_run
     if backend.capabilities.append_only and not dry_run:
         raise StorageError(f"{backend.location} is append-only: garbage collection runs on the server that holds it")
     with repository_lock(backend, "gc"):
@@ -163,6 +167,7 @@ def collect_garbage(
             _delete_quietly(backend, trash)
             result.removed_chunks += 1
             result.removed_bytes += info.size
+            checkpoint("gc-chunk")
 
         for info in list(backend.list(QUARANTINE_PREFIX)):  # damaged copies set aside by verify --repair
             chunk_id = chunk_id_from_name(info.name)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import DamagedData
+from surepoint.interrupt import checkpoint
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import Extent, merge
 from surepoint.repo.locks import repository_lock
@@ -115,14 +116,19 @@ def verify(
 
     bad: dict[bytes, str] = {}
     good: list[bytes] = []
-    with repository_lock(repository.backend, "verify"), ThreadPoolExecutor(workers) as pool:
-        for chunk_id, problem in pool.map(check, candidates):
-            if problem is None:
-                good.append(chunk_id)
-            else:
-                bad[chunk_id] = problem
-            if progress:
-                progress(1)
+    with repository_lock(repository.backend, "verify"):
+        pool = ThreadPoolExecutor(workers)
+        try:
+            for chunk_id, problem in pool.map(check, candidates):
+                if problem is None:
+                    good.append(chunk_id)
+                else:
+                    bad[chunk_id] = problem
+                if progress:
+                    progress(1)
+                checkpoint("verify-chunk")
+        finally:  # interrupted: the checks still queued are dropped, not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
 
     checked_per_point: dict[str, int] = defaultdict(int)
     for chunk_id in candidates:
