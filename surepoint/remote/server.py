@@ -163,6 +163,25 @@ class Session:
         self.backend.rename(name, new_name)
         return {}, b""
 
+    def op_list_temporary(self, _request: dict, _body: bytes) -> tuple[dict, bytes]:
+        """Leftovers of interrupted writes (a killed server's), for the client's gc."""
+        entries = [json.dumps([t.name, t.size, t.mtime, t.writer_gone]) for t in self.backend.list_temporary()]
+        return {}, "\n".join(entries).encode()
+
+    def op_delete_temporary(self, request: dict, _body: bytes) -> tuple[dict, bytes]:
+        name = request.get("name")
+        if (
+            not isinstance(name, str)
+            or not name.endswith(TMP_SUFFIX)
+            or name.startswith("/")
+            or ".." in name.split("/")
+        ):
+            raise BadRequest(f"bad temporary name {name!r}")
+        if self.append_only:
+            raise Refused("append-only repository: temporaries are removed by garbage collection on the server")
+        self.backend.delete(name)
+        return {}, b""
+
     def op_list(self, request: dict, _body: bytes) -> tuple[dict, bytes]:
         raise AssertionError("list is answered by serve() in pages")  # pragma: no cover
 

@@ -33,7 +33,8 @@ from surepoint.errors import (
     StorageFull,
     SurepointError,
 )
-from surepoint.storage.backend import Backend, Capabilities, ObjectInfo, ObjectNotFound
+from surepoint.storage.backend import Backend, Capabilities, ObjectInfo, ObjectNotFound, TemporaryInfo
+from surepoint.storage.local import TMP_SUFFIX
 
 PROTOCOL_VERSION = 1
 LENGTH = struct.Struct(">I")
@@ -282,7 +283,19 @@ class SshBackend(Backend):
         return bool(self._call({"op": "exists", "name": name})[0]["exists"])
 
     def delete(self, name: str) -> None:
+        if name.endswith(TMP_SUFFIX):  # a leftover that list_temporary reported
+            self._call({"op": "delete_temporary", "name": name})
+            return
         self._call({"op": "delete", "name": name})
+
+    def list_temporary(self) -> Iterator[TemporaryInfo]:
+        """Temporaries a killed server left in the repository directory (none from a server without the request)."""
+        try:
+            _reply, data = self._call({"op": "list_temporary"})
+        except SurepointError:
+            return iter(())
+        rows = [json.loads(line) for line in data.splitlines() if line]
+        return iter([TemporaryInfo(n, s, m, bool(g)) for n, s, m, g in rows])
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         # Read every page before yielding: the session carries one request at a time.
