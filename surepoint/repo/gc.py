@@ -21,7 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from surepoint.errors import DamagedData, ObjectLocked, StorageError, UnreadableRestorePoints
+from surepoint.errors import (
+    DamagedData,
+    ObjectLocked,
+    RestorePointForgotten,
+    StorageError,
+    UnreadableRestorePoints,
+)
 from surepoint.interrupt import checkpoint
 from surepoint.repo import logstore
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
@@ -86,6 +92,8 @@ def collect_garbage(
                 live_indexes.add(disk.index)
                 try:
                     referenced.update(repository.load_index(point, disk.number).ids)
+                except RestorePointForgotten:
+                    continue  # forgotten since the listing (never one a reader holds): nothing to keep
                 except DamagedData:
                     # Without its index we cannot know what the point needs; refuse to delete anything.
                     result.unreadable_points.append(point.id)

@@ -325,6 +325,10 @@ class Repository:
         try:
             blob = self.backend.get(disk.index)
         except ObjectNotFound:
+            if not self.backend.exists(MANIFEST_PREFIX + restore_point.id):  # forgotten since it was listed
+                raise RestorePointForgotten(
+                    f"restore point {restore_point.id} was removed by a concurrent forget"
+                ) from None
             raise DamagedData(f"{what} is missing") from None
         try:
             index = FixedIndex.decode(self.envelope.open(KIND_INDEX, disk.index, blob), what)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from surepoint.errors import DamagedData
+from surepoint.errors import DamagedData, RestorePointForgotten
 from surepoint.interrupt import checkpoint
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import Extent, merge
@@ -69,6 +69,8 @@ def plan_chunks(
         for disk in point.disks:
             try:
                 index = repository.load_index(point, disk.number)
+            except RestorePointForgotten:
+                continue  # forgotten since it was listed: nothing to check
             except DamagedData as exc:
                 index_damage[point.id].append(DamagedRange(disk.number, 0, disk.size, str(exc)))
                 continue

@@ -263,3 +263,19 @@ def test_forget_and_a_reader_starting_together_never_both_go_ahead(repository):
             assert point.id in [p.id for p in repository.list_restore_points()]
         for p in repository.list_restore_points():
             repository.delete_restore_point(p)
+
+
+def test_a_point_forgotten_between_listing_and_reading_is_forgotten_not_damaged(repository, tmp_path):
+    from surepoint.errors import DamagedData
+    from surepoint.repo.restore import restore_disk
+    from surepoint.repo.verify import verify
+
+    old, new = _points(repository, 2)
+    listed = repository.list_restore_points()
+    repository.delete_restore_point(old)  # a forget that ran before the reader's lock
+    with pytest.raises(RestorePointForgotten, match="removed by a concurrent forget") as raised:
+        restore_disk(repository, old, 0, str(tmp_path / "out.img"))
+    assert not isinstance(raised.value, DamagedData) and not (tmp_path / "out.img").exists()
+    assert verify(repository, listed).damaged is False  # verify and gc skip it
+    collect_garbage(repository, margin=0)
+    assert verify(repository, [new]).points[0].state == "verified"
