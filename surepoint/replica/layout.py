@@ -355,13 +355,13 @@ class ReplicaDir:
     def referenced(self) -> set[str]:
         """Relative paths of every disk file a recorded point reads (its whole chain down to the base)."""
         needed: set[str] = set()
-        latest = self.latest
-        if latest is None:
-            return needed
-        for device, top in latest.files.items():  # every older point's top is in the latest's chain
-            needed.update(self.chain(device, top))
-        for p in self.points:
-            needed.update(p.files.values())
+        # newest first: an older point's top is mostly in a newer chain already, and a file that is in
+        # `needed` brought its whole chain with it. A disk the VM no longer has is only in older points:
+        # its chain is walked from their tops.
+        for p in reversed(self.points):
+            for device, top in p.files.items():
+                if top not in needed:
+                    needed.update(self.chain(device, top))
         return needed
 
     def remove_unfinished(self) -> list[str]:

@@ -204,3 +204,18 @@ def test_a_fold_cut_short_is_finished_by_the_next(replica, monkeypatch):
         assert read_disk(crashed.chain_files(f"p{n:03d}", "root")) == expected(n, since=1)
     assert len(os.listdir(os.path.join(replica.path, "disks"))) == 4
     crashed.unlock()
+
+
+def test_a_disk_the_vm_no_longer_has_keeps_its_whole_chain(replica):
+    for n in range(1, 4):
+        cycle(replica, n)
+    # the VM lost its data disk: the next point has only root
+    rel = replica.disk_path("root", "p004")
+    images.create(os.path.join(replica.path, rel), SIZE, backing=os.path.basename(replica.latest.files["root"]))
+    qemu_io(os.path.join(replica.path, rel), f"write -P 4 {4 * MIB} {MIB}")
+    replica.add_point(ReplicaPoint("p004", "2026-11-30T10:04:00.000000Z", "filesystem", {"root": rel}))
+    assert replica.remove_unfinished() == []
+    replica.forget(["p002"])  # its data overlay is under p003's, which the latest point no longer names
+    for n in (1, 3):  # the older points still read their data disk, down to its base
+        assert read_disk(replica.chain_files(f"p{n:03d}", "data")) == expected(n, since=1)
+    assert read_disk(replica.chain_files("p004", "root")) == expected(4, since=1)
