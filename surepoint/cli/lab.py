@@ -136,6 +136,14 @@ def register(app: typer.Typer) -> None:
         port: Annotated[
             int, typer.Option("--port", help="Port of the door on this host's 127.0.0.1 (default: a free one).")
         ] = 0,
+        protocol: Annotated[
+            str,
+            typer.Option(
+                "--protocol",
+                help="How to tell the service is ready before the door opens: tcp (a connect), postgresql or "
+                "mysql (the server takes clients); auto: by the port (5432, 3306), else tcp.",
+            ),
+        ] = "auto",
         group: Annotated[
             str | None, typer.Option("--group", help="Lab file (TOML): network and application group to boot first.")
         ] = None,
@@ -167,6 +175,7 @@ def register(app: typer.Typer) -> None:
             points,
             expose,
             port,
+            protocol=protocol,
             mount_options=MountOptions(cache_bytes=parse_size(cache_size)),
             log=say,
         )

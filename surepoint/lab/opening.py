@@ -2,7 +2,8 @@
 
 The application group's VMs boot first, in order, each passing its tests, then the restore points
 given (as `lab verify` does, surepoint.lab.verification), but nothing is stopped afterwards and no
-verification is recorded. Once the exposed service answers inside the lab, the door process starts
+verification is recorded. Once the exposed service answers inside the lab (a database server: once it
+takes clients, not merely listens, surepoint.lab.greetings), the door process starts
 (surepoint.lab.door): this host's 127.0.0.1:PORT forwarded to that one address and port in the
 lab's namespace, nothing else in or out. The door process becomes the lab's owner; `close_lab`
 stops it and tears the lab down. A lab whose door died is a leftover like any dead lab.
@@ -26,6 +27,7 @@ from surepoint.catalog import Catalog
 from surepoint.errors import InvalidArgument, NeedsRoot, SurepointError
 from surepoint.events import Component, Outcome, Phase
 from surepoint.lab.door import start_door
+from surepoint.lab.greetings import PROTOCOLS, protocol_for_port
 from surepoint.lab.lab_file import LabConfig
 from surepoint.lab.network import LabNetwork, namespace_for
 from surepoint.lab.probe import run_probe
@@ -96,7 +98,7 @@ def with_door_address(config: LabConfig, address: str) -> LabConfig:
 
 
 class OpenLab(Lab):
-    def open(self, address: str, port: int, listener: socket.socket) -> OpenedLab:
+    def open(self, address: str, port: int, listener: socket.socket, protocol: str = "tcp") -> OpenedLab:
         if os.geteuid() != 0:
             raise NeedsRoot("the lab needs root (a network namespace, FUSE mounts of the repository)")
         if not self.targets:
@@ -126,7 +128,7 @@ class OpenLab(Lab):
                 vms.append({"name": result.name, "restore_point": point.id, "addresses": result.addresses,
                             "boot_seconds": result.boot_seconds})  # fmt: skip
             prefix = self.network.command_prefix()
-            self._wait_for_service(prefix, address, port)
+            self._wait_for_service(prefix, address, port, protocol)
             door = start_door(prefix, listener, address, port, os.path.join(state.directory, "door.log"))
             time.sleep(0.2)
             if door.poll() is not None:
@@ -146,14 +148,15 @@ class OpenLab(Lab):
         self.events.record(Component.LAB, "open", Outcome.OK, f"lab {lab_id}: {state.door}")
         return OpenedLab(lab_id, f"127.0.0.1:{host_port}", f"{address}:{port}", vms, time.monotonic() - started)
 
-    def _wait_for_service(self, prefix: list[str], address: str, port: int) -> None:
+    def _wait_for_service(self, prefix: list[str], address: str, port: int, protocol: str) -> None:
         until = min(self.deadline, time.monotonic() + SERVICE_WAIT)
         while True:
-            probe = run_probe(prefix, "tcp", [address, str(port)], timeout=5)
+            probe = run_probe(prefix, "tcp", [address, str(port), "--protocol", protocol], timeout=5)
             if probe.ok:
                 return
             if time.monotonic() > until:
-                raise LabNotOpened(f"nothing in the lab answers on {address}:{port}: {probe.detail}")
+                what = "nothing in the lab answers" if protocol == "tcp" else f"no {protocol} server takes clients"
+                raise LabNotOpened(f"{what} on {address}:{port}: {probe.detail}")
             time.sleep(1.0)
 
 
@@ -165,10 +168,15 @@ def open_lab(
     expose: str,
     port: int = 0,
     *,
+    protocol: str = "auto",
     mount_options: MountOptions | None = None,
     log: Callable[[str], None] | None = None,
 ) -> OpenedLab:
     address, service_port = parse_expose(expose)
+    if protocol == "auto":
+        protocol = protocol_for_port(service_port)
+    if protocol not in PROTOCOLS:
+        raise InvalidArgument(f"--protocol {protocol!r}: give one of auto, {', '.join(PROTOCOLS)}")
     listener = bind_door(port)  # a port in use is refused before anything boots
     try:
         lab = OpenLab(
@@ -180,7 +188,7 @@ def open_lab(
             mount_options=mount_options,
             log=log,
         )
-        return lab.open(address, service_port, listener)
+        return lab.open(address, service_port, listener, protocol)
     finally:
         listener.close()  # the door process has its own copy
 

@@ -7,7 +7,8 @@ exits 0 or 1; `run_probe` is the host side. Both probes retry until their timeou
 network often comes up after its guest agent answers.
 
 ICMP is sent from a raw socket (we run as root), not by a ping binary the host may lack. This module
-imports only the standard library, so the child starts fast and needs nothing but the package path.
+imports only the standard library (and surepoint.lab.greetings, which does the same), so the child
+starts fast and needs nothing but the package path.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from surepoint.lab.greetings import PROTOCOLS, greet
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `surepoint` package
 PROBE_KINDS = ("icmp", "tcp")
@@ -140,8 +143,12 @@ def probe_icmp(address: str, timeout: float, count: int = 1) -> ProbeResult:
 # -- TCP ----------------------------------------------------------------------------------------
 
 
-def probe_tcp(address: str, port: int, timeout: float) -> ProbeResult:
-    """Connect to address:port, retrying every second until it succeeds or the timeout passed."""
+def probe_tcp(address: str, port: int, timeout: float, protocol: str = "tcp") -> ProbeResult:
+    """Connect to address:port, retrying every second until it succeeds or the timeout passed.
+
+    With a protocol other than "tcp", success also needs the server's first answer in that protocol
+    to say it takes clients (surepoint.lab.greetings): a database still replaying its log is not ready.
+    """
     started = time.monotonic()
     deadline = started + timeout
     target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -152,11 +159,15 @@ def probe_tcp(address: str, port: int, timeout: float) -> ProbeResult:
         attempt_started = time.monotonic()
         left = deadline - attempt_started
         try:
-            with socket.create_connection((address, port), timeout=max(0.1, min(5.0, left))):
-                pass
-            return ProbeResult(True, f"connected to {target} (attempt {attempts})", time.monotonic() - started)
+            with socket.create_connection((address, port), timeout=max(0.1, min(5.0, left))) as sock:
+                greeting = greet(sock, protocol)
+            if greeting.ready:
+                said = "" if protocol == "tcp" else f": {greeting.detail}"
+                seconds = time.monotonic() - started
+                return ProbeResult(True, f"connected to {target} (attempt {attempts}){said}", seconds)
+            last_error = greeting.detail
         except TimeoutError:
-            last_error = "connect timed out"
+            last_error = "connect timed out" if protocol == "tcp" else "no answer in time"
         except OSError as exc:
             last_error = exc.strerror or str(exc)
         if time.monotonic() >= deadline - 0.05:
@@ -176,8 +187,8 @@ def run_probe(prefix: list[str], kind: str, args: list[str], timeout: float) -> 
     """Run a probe as a child process under `prefix` (e.g. ["ip", "netns", "exec", NS], or [] for none).
 
     `args` are the probe's arguments after its kind, without --timeout (for icmp: ADDRESS and
-    optionally "--count", N; for tcp: ADDRESS, PORT). Never raises for a probe that fails or breaks:
-    the ProbeResult says what happened.
+    optionally "--count", N; for tcp: ADDRESS, PORT and optionally "--protocol", NAME). Never raises
+    for a probe that fails or breaks: the ProbeResult says what happened.
     """
     if kind not in PROBE_KINDS:
         raise ValueError(f"unknown probe kind {kind!r}")
@@ -233,6 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     tcp = kinds.add_parser("tcp", help="TCP connect")
     tcp.add_argument("address", type=_ip)
     tcp.add_argument("port", type=int)
+    tcp.add_argument("--protocol", choices=PROTOCOLS, default="tcp", help="ask if the server takes clients")
     tcp.add_argument("--timeout", type=float, required=True)
     return parser
 
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "icmp":
         result = probe_icmp(args.address, args.timeout, max(1, args.count))
     else:
-        result = probe_tcp(args.address, args.port, args.timeout)
+        result = probe_tcp(args.address, args.port, args.timeout, args.protocol)
     print(json.dumps({"ok": result.ok, "detail": result.detail, "seconds": round(result.seconds, 3)}), flush=True)
     return 0 if result.ok else 1
 
