@@ -12,7 +12,7 @@ from surepoint.errors import UsageError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.repo.known import KnownRepositories
 from surepoint.repo.locks import read_locks, remove_stale_locks
-from surepoint.repo.repository import DEFAULT_CHUNK_SIZE, Repository
+from surepoint.repo.repository import COMPRESSION_LEVELS, DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
 
 ENCRYPTIONS = ("none", "aes-256-gcm", "chacha20-poly1305")
 
@@ -28,7 +28,9 @@ def init(
         str, typer.Option(help="none, aes-256-gcm or chacha20-poly1305.", case_sensitive=False)
     ] = "aes-256-gcm",
     chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes (power of two).")] = DEFAULT_CHUNK_SIZE,
-    compression_level: Annotated[int, typer.Option(help="zstd level.", min=1, max=19)] = 3,
+    compression_level: Annotated[
+        int, typer.Option(help="zstd level: 1 (fast, the default) to 19 (small), or -7 to -1 (fastest).")
+    ] = DEFAULT_COMPRESSION_LEVEL,
     immutable_days: Annotated[
         int | None,
         typer.Option(help="Lock every object for N days, forever-incremental (s3:// bucket with Object Lock).", min=1),
@@ -39,6 +41,8 @@ def init(
     encryption = encryption.lower()
     if encryption not in ENCRYPTIONS:
         raise UsageError(f"unknown encryption {encryption!r}: choose none, aes-256-gcm or chacha20-poly1305")
+    if compression_level not in COMPRESSION_LEVELS or compression_level > 19:
+        raise UsageError(f"--compression-level {compression_level}: choose 1 to 19, or -7 to -1")
     passphrase = c.passphrase(confirm=True) if encryption != "none" else None
     backend = storage.open(c.location(), create=True)
     if immutable_days is not None:

@@ -46,7 +46,9 @@ MAX_CHUNK_SIZE = 64 << 20
 
 # Bounds on what a config may ask for: no hang (a chunk size of 7), no gigabytes of memory
 # (scrypt's 128 * n * r bytes), nothing a real repository would ever use.
-COMPRESSION_LEVELS = range(1, 23)
+# zstd's levels: 1 to 22, and its fast levels -7 to -1 (0 would mean "zstd's default", so it is not one).
+COMPRESSION_LEVELS = [*range(-7, 0), *range(1, 23)]
+DEFAULT_COMPRESSION_LEVEL = 1  # zstd 1, as Proxmox Backup Server: ~1.8x level 3's speed for ~10% more stored
 MAX_SCRYPT_MEMORY = 256 << 20
 
 
@@ -65,9 +67,9 @@ def check_config(config: dict) -> None:
     size = config.get("chunk_size")
     if not integer(size) or size & (size - 1) or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
         raise bad(f"chunk_size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")
-    level = config.get("compression_level", 3)
+    level = config.get("compression_level", DEFAULT_COMPRESSION_LEVEL)
     if not integer(level) or level not in COMPRESSION_LEVELS:
-        raise bad("compression_level must be 1 to 22")
+        raise bad("compression_level must be -7 to -1 or 1 to 22")
     record = config.get("encryption")
     if record is None:
         return
@@ -114,7 +116,7 @@ class Repository:
         self.backend = backend
         self.config = config
         self.keys = keys
-        self.envelope = Envelope(keys, config.get("compression_level", 3))
+        self.envelope = Envelope(keys, config.get("compression_level", DEFAULT_COMPRESSION_LEVEL))
         self.chunks = ChunkStore(backend, self.envelope, keys.chunk_id if keys else None)
         self.known: KnownRepositories | None = None
         self.damaged_manifests: list[str] = []
@@ -140,7 +142,7 @@ class Repository:
         encryption: str = "none",
         passphrase: str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        compression_level: int = 3,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         known: KnownRepositories | None = None,
     ) -> Repository:
         if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:

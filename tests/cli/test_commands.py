@@ -3,6 +3,7 @@ error, one passphrase reader for the repository and the new passphrase."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,22 @@ def test_one_passphrase_reader(cli: Cli, point: str, tmp_path: Path):
     assert cli.run("--passphrase-file", str(new), "list", check=True).returncode == 0
     result = cli.run("list")
     assert result.returncode == 2 and "set SUREPOINT_PASSPHRASE or pass --passphrase-file" in result.stderr
+
+
+def test_compression_levels(cli: Cli, tmp_path: Path):
+    """zstd 1 by default; the fast levels -7..-1 and 1..19 are accepted, 0 and 20+ refused with the range."""
+    image = make_image(tmp_path / "disk.img", 4 << 20, seed=5, regions=4, region_size=256 << 10)
+    for level in ("0", "-8", "20"):
+        refused = cli.run("init", "--compression-level", level)
+        assert refused.returncode == 2 and "choose 1 to 19, or -7 to -1" in refused.stderr, refused.stderr
+        assert not (cli.repo / "config").exists()
+    cli.run("init", check=True)
+    assert json.loads((cli.repo / "config").read_text())["compression_level"] == 1
+    for level in ("-7", "19"):
+        repo = tmp_path / f"repo{level}"
+        env = {"SUREPOINT_REPO": str(repo)}
+        cli.run("init", "--compression-level", level, env=env, check=True)
+        point = cli.run("backup", str(image), "--name", "disk", "--json", env=env, check=True).json()["id"]
+        restored = tmp_path / f"restored{level}.img"
+        cli.run("restore", point, "--to", str(restored), env=env, check=True)
+        assert restored.read_bytes() == image.read_bytes()

@@ -159,7 +159,7 @@ def test_an_edited_config_writes_nothing(cli, tmp_path):
     good = (cli.repo / "config").read_text()
     before = sorted(str(p.relative_to(cli.repo)) for p in cli.repo.rglob("*") if p.is_file())
     for change in (
-        lambda c: c.update(compression_level=1),
+        lambda c: c.update(compression_level=9),
         lambda c: c.pop("mac"),
         lambda c: c["encryption"]["kdf"].update(salt=_other_salt()),
     ):
