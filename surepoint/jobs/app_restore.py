@@ -164,34 +164,13 @@ def _fmt(moment: datetime) -> str:
 @contextlib.contextmanager
 def mounted_point(repository: Repository, point: RestorePoint, say: Callable[[str], None]) -> Iterator[list[str]]:
     """The point's filesystems, mounted read-only for the block: a live mount is reused, else one is made."""
-    from surepoint.mount.manager import MountOptions, mount_restore_point
-    from surepoint.mount.records import clean_stale, load_states, state_dir, teardown
+    from surepoint.jobs.guest_volumes import mount_options
+    from surepoint.mount.borrowed import point_mounted
 
-    clean_stale(log=say)
-    for state in load_states():
-        live = state.restore_point == point.id and state.repository == repository.id and state.status == "mounted"
-        if live and state.alive():
-            yield [m["path"] for m in state.mounts]
-            return
-    base = os.path.dirname(state_dir().rstrip("/"))
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    own_dir = tempfile.mkdtemp(prefix="restore-app-", dir=base)
-    try:
-        state = mount_restore_point(repository, point, own_dir, MountOptions(), say=say)
-    except BaseException:
-        os.rmdir(own_dir)
-        raise
-    try:
+    with point_mounted(repository, point, mount_options(), purpose="restore-app", say=say) as state:
         if not state.mounts:
             raise SurepointError(f"restore point {point.id} has no filesystem this host can mount")
         yield [m["path"] for m in state.mounts]
-    finally:
-        try:
-            teardown(state, lazy=False)
-        except SurepointError:
-            teardown(state, lazy=True)
-        with contextlib.suppress(OSError):
-            os.rmdir(own_dir)
 
 
 def guest_target(options: AppRestoreOptions, meta: dict) -> str:

@@ -18,21 +18,18 @@ printed through surepoint.text.printable by the commands.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from surepoint.catalog import Catalog, FileIndexCatalog, IndexedVolume
-from surepoint.errors import SurepointError
 from surepoint.jobs.guest_volumes import logical_volumes, mount_options
-from surepoint.mount.manager import Volume, mount_restore_point, plan_logical_volumes, plan_volumes
+from surepoint.mount.borrowed import point_mounted
+from surepoint.mount.manager import Volume, plan_logical_volumes, plan_volumes
 from surepoint.mount.partitions import read_partition_table
 from surepoint.mount.reader import ChunkCache, ChunkReadError, DiskReader
-from surepoint.mount.records import MountState, clean_stale, load_states, state_dir, teardown
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 
@@ -120,13 +117,6 @@ def walk(root: str) -> Iterator[tuple[str, str, str, int, int]]:
                 stack.append((child, entry.path))
 
 
-def _mounted(repository: Repository, point: RestorePoint) -> MountState | None:
-    for s in load_states():
-        if s.restore_point == point.id and s.repository == repository.id and s.status == "mounted" and s.alive():
-            return s
-    return None
-
-
 def index_point(
     repository: Repository,
     catalog: Catalog,
@@ -157,20 +147,8 @@ def index_point(
             say(f"{point.id}: every filesystem is unchanged since an indexed restore point; nothing mounted")
             return result
         volumes = []
-    clean_stale(log=say)
-    state = _mounted(repository, point)
-    own_dir = None
-    if state is None:
-        base = os.path.dirname(state_dir().rstrip("/"))
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        own_dir = tempfile.mkdtemp(prefix="index-", dir=base)
-        try:
-            state = mount_restore_point(repository, point, own_dir, mount_options(), say=say)
-        except BaseException:
-            os.rmdir(own_dir)
-            raise
-    result.mounted = True
-    try:
+    with point_mounted(repository, point, mount_options(), purpose="index", say=say) as state:
+        result.mounted = True
         mountpoints = {
             (m["disk"], m["volume"]): m["mountpoint"] for m in (state.guest.get("layout") or {}).get("mounts", [])
         }
@@ -194,14 +172,6 @@ def index_point(
         files.record_point(repository.id, point.id, point.name, point.created, volumes)
         for skipped in state.skipped:
             result.notes.append(f"disk {skipped['disk']} {skipped['volume']}: not indexed: {skipped['reason']}")
-    finally:
-        if own_dir is not None:
-            try:
-                teardown(state, lazy=False)
-            except SurepointError:
-                teardown(state, lazy=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(own_dir)
     result.seconds = round(time.monotonic() - started, 2)
     return result
 

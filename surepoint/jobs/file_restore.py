@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 
 from surepoint.errors import InvalidArgument, SurepointError
@@ -14,11 +13,11 @@ from surepoint.events import Component, EventRecorder, Outcome, Phase
 from surepoint.interrupt import at_stake
 from surepoint.jobs.guest_volumes import mount_options
 from surepoint.jobs.progress import Log, no_log
+from surepoint.mount.borrowed import point_mounted
 from surepoint.mount.files import CopyReport, GuestTarget, LocalTarget, pick_volume
 from surepoint.mount.files import restore_files as copy_files
 from surepoint.mount.fusefs import GUEST_DIR
-from surepoint.mount.manager import mount_restore_point
-from surepoint.mount.records import MountState, clean_stale, load_states, state_dir, teardown
+from surepoint.mount.records import MountState
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.text import printable
@@ -45,13 +44,6 @@ class FileRestoreRequest:
 class FileRestoreResult:
     volume: dict  # the mounted filesystem the files came from
     report: CopyReport
-
-
-def _mounted(repository: Repository, point: RestorePoint) -> MountState | None:
-    for s in load_states():
-        if s.restore_point == point.id and s.repository == repository.id and s.status == "mounted" and s.alive():
-            return s
-    return None
 
 
 def _source(state: MountState, request: FileRestoreRequest) -> dict:
@@ -96,18 +88,6 @@ def restore_files(
 
     What could not be copied is in the result's report (`errors`); the caller decides how to fail.
     """
-    clean_stale(log=log)
-    state = _mounted(repository, point)
-    own_dir = None
-    if state is None:
-        base = os.path.dirname(state_dir().rstrip("/"))
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        own_dir = tempfile.mkdtemp(prefix="restore-files-", dir=base)
-        try:
-            state = mount_restore_point(repository, point, own_dir, mount_options(), say=log)
-        except BaseException:
-            os.rmdir(own_dir)
-            raise
     report = CopyReport()
 
     def left() -> str:
@@ -120,30 +100,24 @@ def restore_files(
         if events is not None:
             events.record(Component.RESTORE, Phase.FILES, Outcome.FAILED, message, restore_point=point.id)
 
-    try:
-        with at_stake(left, record):
-            volume = _source(state, request)
-            if request.into_vm:
-                agent = guest_agent_for(request.into_vm, request.inventory)
-                try:
-                    target = GuestTarget(agent, request.target, request.overwrite, report, request.keep_setuid)
-                    copy_files(volume["path"], request.paths, target, report)
-                finally:
-                    agent.close()
-            else:
-                target = LocalTarget(request.target, request.overwrite, report, request.keep_setuid)
-                try:
-                    copy_files(volume["path"], request.paths, target, report)
-                finally:
-                    target.close()
-    finally:
-        if own_dir is not None:
+    with (
+        point_mounted(repository, point, mount_options(), purpose="restore-files", say=log) as state,
+        at_stake(left, record),
+    ):
+        volume = _source(state, request)
+        if request.into_vm:
+            agent = guest_agent_for(request.into_vm, request.inventory)
             try:
-                teardown(state, lazy=False)
-            except SurepointError:
-                teardown(state, lazy=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(own_dir)
+                target = GuestTarget(agent, request.target, request.overwrite, report, request.keep_setuid)
+                copy_files(volume["path"], request.paths, target, report)
+            finally:
+                agent.close()
+        else:
+            target = LocalTarget(request.target, request.overwrite, report, request.keep_setuid)
+            try:
+                copy_files(volume["path"], request.paths, target, report)
+            finally:
+                target.close()
     if events is not None:
         with contextlib.suppress(Exception):  # the files are restored: a catalog problem must not hide that
             events.record(

@@ -8,18 +8,16 @@ and the result is kept in the catalog as a verification of kind "malware-scan".
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from surepoint.catalog import Catalog
 from surepoint.errors import SurepointError
+from surepoint.jobs.guest_volumes import mount_options
 from surepoint.jobs.progress import Log, no_log
-from surepoint.mount.manager import MountOptions, mount_restore_point
-from surepoint.mount.records import MountState, clean_stale, load_states, state_dir, teardown
+from surepoint.mount.borrowed import point_mounted
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.scan.signals import suspicious_points
@@ -61,13 +59,6 @@ class PointScan:
         }
 
 
-def _mounted(repository: Repository, point: RestorePoint) -> MountState | None:
-    for s in load_states():
-        if s.restore_point == point.id and s.repository == repository.id and s.status == "mounted" and s.alive():
-            return s
-    return None
-
-
 def scan_point(
     repository: Repository,
     point: RestorePoint,
@@ -78,20 +69,8 @@ def scan_point(
     on_match: Callable[[FileMatch], None] | None = None,
 ) -> PointScan:
     """Mount `point` read-only, run `rules` over the files of every filesystem, record the outcome."""
-    clean_stale(log=log)
-    state = _mounted(repository, point)
-    own_dir = None
-    if state is None:
-        base = os.path.dirname(state_dir().rstrip("/"))
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        own_dir = tempfile.mkdtemp(prefix="scan-", dir=base)
-        try:
-            state = mount_restore_point(repository, point, own_dir, MountOptions(), say=log)
-        except BaseException:
-            os.rmdir(own_dir)
-            raise
-    result = PointScan(point, rules, not_scanned=list(state.skipped))
-    try:
+    with point_mounted(repository, point, mount_options(), purpose="scan", say=log) as state:
+        result = PointScan(point, rules, not_scanned=list(state.skipped))
         if not state.mounts:
             raise SurepointError(f"restore point {point.id} has no filesystem that can be mounted")
         places = guest_mount_points(state.mounts)
@@ -102,14 +81,6 @@ def scan_point(
             prefix = where or f"[disk {m['disk']} {m['volume']}]/"
             log(f"scanning disk {m['disk']} {m['volume']} ({m['fstype']}) as {printable(prefix)}")
             scan_tree(rules, m["path"], prefix, result.report, on_match=on_match)
-    finally:
-        if own_dir is not None:
-            try:
-                teardown(state, lazy=False)
-            except SurepointError:
-                teardown(state, lazy=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(own_dir)
     if catalog is not None:
         details = result.to_json()
         details["matches"] = details["matches"][:1000]
