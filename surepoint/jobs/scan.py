@@ -8,8 +8,6 @@ and the result is kept in the catalog as a verification of kind "malware-scan".
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +16,7 @@ from surepoint.errors import SurepointError
 from surepoint.jobs.guest_volumes import mount_options
 from surepoint.jobs.progress import Log, no_log
 from surepoint.mount.borrowed import point_mounted
+from surepoint.mount.records import MountState
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.scan.signals import suspicious_points
@@ -25,7 +24,6 @@ from surepoint.scan.yara_scan import FileMatch, Rules, ScanReport, scan_tree
 from surepoint.text import printable
 
 SCAN_KIND = "malware-scan"
-FSTAB_MAX = 256 << 10
 
 
 @dataclass
@@ -73,7 +71,7 @@ def scan_point(
         result = PointScan(point, rules, not_scanned=list(state.skipped))
         if not state.mounts:
             raise SurepointError(f"restore point {point.id} has no filesystem that can be mounted")
-        places = guest_mount_points(state.mounts)
+        places = guest_places(state)
         for m in state.mounts:
             where = places.get(m["path"])
             volume = VolumeScan(m["disk"], m["volume"], m["fstype"], where)
@@ -90,60 +88,13 @@ def scan_point(
     return result
 
 
-def guest_mount_points(mounts: list[dict]) -> dict[str, str]:
-    """Host mount path -> the guest's mount point, from the root filesystem's /etc/fstab (UUID= and LABEL=)."""
-    ids = {m["path"]: _fs_ids(m["device"]) for m in mounts}
-    for m in mounts:
-        fstab = _read_guest_file(m["path"], ("etc", "fstab"))
-        if fstab is None:
-            continue
-        found = {m["path"]: "/"}
-        for line in fstab.splitlines():
-            fields = line.split()
-            if len(fields) < 2 or fields[0].startswith("#") or not fields[1].startswith("/"):
-                continue
-            spec, where = fields[0], fields[1].replace("\\040", " ")
-            for path, (uuid, label) in ids.items():
-                if path in found:
-                    continue
-                if (uuid and spec in (f"UUID={uuid}", f"/dev/disk/by-uuid/{uuid}")) or (
-                    label and spec in (f"LABEL={label}", f"/dev/disk/by-label/{label}")
-                ):
-                    found[path] = where
-        return found
-    return {mounts[0]["path"]: "/"} if len(mounts) == 1 else {}
-
-
-def _fs_ids(device: str) -> tuple[str | None, str | None]:
-    try:
-        out = subprocess.run(
-            ["blkid", "-p", "-o", "export", device], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return values.get("UUID"), values.get("LABEL")
-
-
-def _read_guest_file(root: str, parts: tuple[str, ...]) -> str | None:
-    """A small file of the guest read without following any symlink (it could point at the host's files)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            flags = os.O_RDONLY | os.O_NOFOLLOW | (0 if last else os.O_DIRECTORY)
-            try:
-                nxt = os.open(part, flags, dir_fd=fd)
-            except OSError:
-                return None
-            os.close(fd)
-            fd = nxt
-        data = os.read(fd, FSTAB_MAX)
-        return data.decode("utf-8", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+def guest_places(state: MountState) -> dict[str, str]:
+    """Host mount path -> where the guest mounts that filesystem, from the mount's guest layout (its fstab)."""
+    layout = state.guest.get("layout") or {}
+    places = {m["path"]: m["mountpoint"] for m in layout.get("mounts", []) if m.get("path")}
+    if not places and len(state.mounts) == 1:
+        places = {state.mounts[0]["path"]: "/"}  # one filesystem and no fstab to say otherwise
+    return places
 
 
 @dataclass
