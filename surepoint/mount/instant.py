@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from surepoint.processes import process_start, same_process
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 from surepoint.statefile import write_json_atomically
-from surepoint.vm.boot import start_qemu, wait_for_guest_agent
+from surepoint.vm.boot import start_qemu, stop_qemu, wait_for_guest_agent
 from surepoint.vm.command_line import disk_maps, rewrite
 from surepoint.vm.errors import QmpError
 from surepoint.vm.qmp import QmpConnection
@@ -242,27 +241,7 @@ def _boot(session: InstantSession, timeout: float) -> None:
 
 
 def _stop_qemu(session: InstantSession, say: Callable[[str], None], timeout: float = 20.0) -> None:
-    if not session.qemu_alive():
-        return
-    # EOFError: QmpConnection.close() lets it through when QEMU closed the socket on quit
-    with contextlib.suppress(QmpError, OSError, EOFError), QmpConnection(session.qmp, timeout=10) as qmp:
-        qmp.execute("quit")
-    deadline = time.monotonic() + timeout
-    while session.qemu_alive() and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(session.pid, os.WNOHANG)  # type: ignore[arg-type] # reap it when it is our child
-        time.sleep(0.2)
-    if session.qemu_alive():
-        say(f"QEMU (pid {session.pid}) did not quit: killing it")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(session.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        deadline = time.monotonic() + 10
-        while session.qemu_alive() and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(session.pid, os.WNOHANG)  # type: ignore[arg-type]
-            time.sleep(0.1)
-        if session.qemu_alive():
-            raise TargetError(f"cannot stop QEMU (pid {session.pid}); the overlays and the mount are left in place")
+    stop_qemu(session.qmp, session.pid, session.pid_start, timeout, say, "the overlays and the mount are left in place")
 
 
 def _unmount(session: InstantSession, say: Callable[[str], None]) -> None:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from surepoint.replica.errors import ReplicaStateError
 from surepoint.replica.layout import DISKS, FAILED_OVER, FAILOVER, PERMANENT, READY, ReplicaDir, ReplicaPoint, file_stem
 from surepoint.replica.netmap import NetworkRule, apply_network
 from surepoint.timestamps import utc_now
-from surepoint.vm.boot import start_qemu, wait_for_guest_agent
+from surepoint.vm.boot import start_qemu, stop_qemu, wait_for_guest_agent, wait_gone
 from surepoint.vm.command_line import disk_maps, rewrite
 from surepoint.vm.errors import GuestAgentCommandError, GuestAgentError, GuestAgentTimeout, QmpError
 from surepoint.vm.guest_agent import GuestAgent
@@ -51,7 +50,6 @@ from surepoint.vm.inventory import parse_command_line
 from surepoint.vm.qmp import QmpConnection
 
 VM_SUFFIX = "-replica"  # the -name of a replica VM: never the source's name, so the two are never confused
-STOP_TIMEOUT = 20.0
 SHUTDOWN_TIMEOUT = 120.0
 ACPI_AFTER = 30.0  # seconds a guest asked through its agent has before the power button is pressed too
 STREAM_TIMEOUT = 3600.0
@@ -338,35 +336,6 @@ def shutdown_vm(qmp_path: str | None, agent_path: str | None, pid: int, pid_star
     if not wait_gone(pid, pid_start, timeout):
         raise TargetError(f"the VM (pid {pid}) did not shut down within {timeout:.0f} s (asked through the {how})")
     return how
-
-
-def wait_gone(pid: int | None, pid_start: int | None, timeout: float) -> bool:
-    """Wait until the process is gone (reaping it when it is a child); False at the timeout."""
-    deadline = time.monotonic() + timeout
-    while same_process(pid, pid_start):
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)  # type: ignore[arg-type]
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # type: ignore[arg-type]
-    return True
-
-
-def stop_qemu(qmp_path: str | None, pid: int | None, pid_start: int | None, timeout: float = STOP_TIMEOUT) -> None:
-    """QMP quit (the guest is cut off as by a power cut), SIGKILL if QEMU is still there after `timeout`."""
-    if not same_process(pid, pid_start):
-        return
-    if qmp_path:
-        with contextlib.suppress(QmpError, OSError, EOFError), QmpConnection(qmp_path, timeout=10) as qmp:
-            qmp.execute("quit")
-    if wait_gone(pid, pid_start, timeout):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
-    if not wait_gone(pid, pid_start, 10):
-        raise TargetError(f"cannot stop QEMU (pid {pid})")
 
 
 def _stop_entry(entry: dict | None, say: Say, *, clean: bool) -> None:
