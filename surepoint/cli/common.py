@@ -20,7 +20,7 @@ from rich.text import Text
 
 from surepoint import storage
 from surepoint.catalog import Catalog, default_catalog_path
-from surepoint.errors import DamagedData, SurepointError, UsageError
+from surepoint.errors import DamagedData, SurepointError, UsageError, WrongPassphrase
 from surepoint.repo.known import KnownRepositories
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
@@ -224,3 +224,29 @@ def with_hints(rules: dict[type[SurepointError], str]) -> Callable[[F], F]:
         return run  # type: ignore[return-value]
 
     return decorate
+
+
+FROM_PASSPHRASE = "SUREPOINT_FROM_PASSPHRASE"
+FROM_PASSPHRASE_FILE = "SUREPOINT_FROM_PASSPHRASE_FILE"
+
+
+def source_passphrase(location: str) -> str:
+    """The source repository's passphrase: SUREPOINT_FROM_PASSPHRASE(_FILE), else a prompt on a terminal."""
+    return read_passphrase(
+        env_var=FROM_PASSPHRASE,
+        file=os.environ.get(FROM_PASSPHRASE_FILE),
+        prompt=f"passphrase of the source repository {location}",
+        repeat_prompt="",
+        confirm=False,
+        missing=f"the source repository {location} is encrypted: set {FROM_PASSPHRASE} or {FROM_PASSPHRASE_FILE}",
+    )
+
+
+def open_other_repository(location: str, passphrase, side: str, where: str) -> Repository:
+    """A second repository (copy's source or target, repair's copy); a wrong passphrase names which one."""
+    backend = storage.open(location)
+    try:
+        return Repository.open(backend, passphrase, known=KnownRepositories())
+    except WrongPassphrase:
+        backend.close()
+        raise WrongPassphrase(f"wrong passphrase for the {side} repository {location} (from {where})") from None

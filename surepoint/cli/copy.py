@@ -3,52 +3,25 @@
 No `from __future__ import annotations` here: typer evaluates the annotations of the commands.
 """
 
-import os
 from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
 from surepoint.cli.common import (
+    FROM_PASSPHRASE,
     Context,
     JsonOption,
     err,
     human,
+    open_other_repository,
     out,
     parse_since,
     parse_size,
     print_json,
-    read_passphrase,
+    source_passphrase,
 )
-from surepoint.errors import UsageError, WrongPassphrase
-
-FROM_PASSPHRASE = "SUREPOINT_FROM_PASSPHRASE"
-FROM_PASSPHRASE_FILE = "SUREPOINT_FROM_PASSPHRASE_FILE"
-
-
-def _source_passphrase(location: str) -> str:
-    """The source repository's passphrase: SUREPOINT_FROM_PASSPHRASE(_FILE), else a prompt on a terminal."""
-    return read_passphrase(
-        env_var=FROM_PASSPHRASE,
-        file=os.environ.get(FROM_PASSPHRASE_FILE),
-        prompt=f"passphrase of the source repository {location}",
-        repeat_prompt="",
-        confirm=False,
-        missing=f"the source repository {location} is encrypted: set {FROM_PASSPHRASE} or {FROM_PASSPHRASE_FILE}",
-    )
-
-
-def _open(location: str, passphrase, side: str, where: str):
-    from surepoint import storage
-    from surepoint.repo.known import KnownRepositories
-    from surepoint.repo.repository import Repository
-
-    backend = storage.open(location)
-    try:
-        return Repository.open(backend, passphrase, known=KnownRepositories())
-    except WrongPassphrase:
-        backend.close()
-        raise WrongPassphrase(f"wrong passphrase for the {side} repository {location} (from {where})") from None
+from surepoint.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -96,9 +69,13 @@ def register(app: typer.Typer) -> None:
             bandwidth=rate,
             workers=workers,
         )
-        source_repo = _open(source, lambda: _source_passphrase(source), "source", f"{FROM_PASSPHRASE}(_FILE)")
+        source_repo = open_other_repository(
+            source, lambda: source_passphrase(source), "source", f"{FROM_PASSPHRASE}(_FILE)"
+        )
         try:
-            target_repo = _open(target, c.passphrase, "target", "SUREPOINT_PASSPHRASE or --passphrase-file")
+            target_repo = open_other_repository(
+                target, c.passphrase, "target", "SUREPOINT_PASSPHRASE or --passphrase-file"
+            )
             try:
                 with _Bar(err, byte_progress) as bar:
                     result = copy_restore_points(

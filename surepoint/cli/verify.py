@@ -97,11 +97,13 @@ def verify(
 
 
 def _repair(c: Context, repo, points, other_location: str | None, as_json: bool) -> None:
-    from surepoint.cli.copy import _open, _source_passphrase
+    from surepoint.cli.common import open_other_repository, source_passphrase
 
     other = None
     if other_location:
-        other = _open(other_location, lambda: _source_passphrase(other_location), "copy", "SUREPOINT_FROM_PASSPHRASE")
+        other = open_other_repository(
+            other_location, lambda: source_passphrase(other_location), "copy", "SUREPOINT_FROM_PASSPHRASE"
+        )
     try:
         with count_progress(err, "verify chunks") as (set_total, advance):
             report = repair_and_record(
