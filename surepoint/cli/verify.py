@@ -84,6 +84,8 @@ def verify(
                 out.print(f"    disk {r.disk} bytes {r.offset}-{r.offset + r.length - 1}: {r.reason}")
         for m in report.damaged_manifests:
             out.print(Text.assemble("  ", ("damaged manifest", "red"), f" {printable(m)}"))
+        for point_id in report.forgotten:
+            out.print(f"  {point_id}: removed by a concurrent forget before it was checked (not damage)")
     intact = {r.id for r in report.points if r.state == "verified"}
     prune_after_verify(
         repo,

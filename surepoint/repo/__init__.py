@@ -28,7 +28,7 @@ Layers
 
 Locking: which operations may run at the same time, and what makes that safe
     Lock kinds and their conflicts are in locks.CONFLICTS. Readers (`restore`, `mount`, `instant`,
-    `lab`, `copy`) name the restore points they read in their lock. `backup`, readers and `verify`
+    `lab`, `copy`, `verify`) name the restore points they read in their lock. `backup` and readers
     run beside each other and beside `gc`; `forget` excludes `forget`, `gc` excludes `gc`,
     `exclusive` excludes everything. A conflicting lock makes the newcomer fail at once
     (RepositoryLocked), with one exception: a reader that finds a `forget` running waits for it
@@ -57,8 +57,9 @@ Locking: which operations may run at the same time, and what makes that safe
                        The mount server (mount, instant recovery, lab) takes its lock in the
                        server process and holds it for as long as it serves; its refresh thread
                        renews it, and a dead server's lock is stale the usual way.
-    verify  / gc       As restore/gc without the lock on points: a point forgotten while it is
-                       verified may show missing chunks; nothing a live point refers to is deleted.
+    verify             A reader (above): the points it checks are held, so a chunk it finds
+                       missing is damage, never a point that a forget and a gc pulled away; a
+                       point forgotten before its lock was in place is reported as such.
     forget  / backup   forget deletes manifests first, then their indexes; a backup whose base
                        point is forgotten reads its disk in full (its base index is gone) or
                        re-reads any base chunk that `touch` no longer finds.
@@ -72,6 +73,6 @@ Locking: which operations may run at the same time, and what makes that safe
                        backups on the source go on), and a `backup` lock on its target, where it
                        writes like a backup (backup / gc).
 
-    A reader or `verify` that cannot write its lock object (a full or read-only repository)
+    A reader that cannot write its lock object (a full or read-only repository)
     still checks for conflicting locks and runs without one, so data can always be read back.
 """

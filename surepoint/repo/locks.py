@@ -31,16 +31,15 @@ STALE_SECONDS = 1800  # a lock of another host not refreshed for this long is ab
 # forget cannot both miss each other (each writes its lock, then looks): a reader that sees a live
 # forget waits for it to end; a forget that sees a reader keeps the points it names. gc removes
 # only what no restore point refers to, so the points a reader holds keep every chunk they need.
-READER_KINDS = ("restore", "mount", "instant", "lab", "copy")
+READER_KINDS = ("restore", "mount", "instant", "lab", "copy", "verify")
 CONFLICTS: dict[str, set[str]] = {
     "backup": {"exclusive"},
     **{kind: {"forget", "exclusive"} for kind in READER_KINDS},
-    "verify": {"exclusive"},
     "forget": {"forget", "exclusive"},  # readers: not a conflict, their points are kept (held_points)
     "gc": {"gc", "exclusive"},
     "exclusive": {"backup", "verify", "forget", "gc", "exclusive", *READER_KINDS},
 }
-READ_ONLY_KINDS = {"verify", *READER_KINDS}  # jobs that only read the repository
+READ_ONLY_KINDS = set(READER_KINDS)  # jobs that only read the repository
 MAX_LOCK_POINTS = 100_000
 
 

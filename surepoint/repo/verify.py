@@ -16,7 +16,6 @@ from surepoint.errors import DamagedData, RestorePointForgotten
 from surepoint.interrupt import checkpoint
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import Extent, merge
-from surepoint.repo.locks import repository_lock
 from surepoint.repo.manifest import RestorePoint
 from surepoint.repo.repository import Repository
 
@@ -47,6 +46,7 @@ class VerifyReport:
     damaged_manifests: list[str]
     good_chunks: list[bytes] = field(default_factory=list, repr=False)  # checked and found intact
     bad_chunks: list[bytes] = field(default_factory=list, repr=False)  # checked and found damaged or missing
+    forgotten: list[str] = field(default_factory=list)  # points a concurrent forget removed before the check
 
     @property
     def damaged(self) -> bool:
@@ -95,7 +95,27 @@ def verify(
     `sample` (0..1] checks a random share of chunks; `skip` names chunks not to check again (found
     good recently). A restore point becomes "verified" only when none of its chunks was left
     unchecked by sampling.
+
+    The points are held by a reader lock while they are checked, so a concurrent `forget` keeps them
+    and `gc` keeps their chunks: a missing chunk is damage, never a point pulled away mid-check. A
+    point forgotten before the lock was in place is left out and named in `forgotten`.
     """
+    with repository.reading(points, "verify", "verify", require_all=False) as gone:
+        points = [p for p in points if p.id not in gone]
+        report = _verify(repository, points, sample, skip, workers, progress, on_plan)
+    report.forgotten = list(gone)
+    return report
+
+
+def _verify(
+    repository: Repository,
+    points: Sequence[RestorePoint],
+    sample: float | None,
+    skip: Collection[bytes],
+    workers: int,
+    progress: Callable[[int], None] | None,
+    on_plan: Callable[[int], None] | None,
+) -> VerifyReport:
     uses, index_damage = plan_chunks(repository, points)
     candidates = list(uses)
     skipped = 0
@@ -118,19 +138,18 @@ def verify(
 
     bad: dict[bytes, str] = {}
     good: list[bytes] = []
-    with repository_lock(repository.backend, "verify"):
-        pool = ThreadPoolExecutor(workers)
-        try:
-            for chunk_id, problem in pool.map(check, candidates):
-                if problem is None:
-                    good.append(chunk_id)
-                else:
-                    bad[chunk_id] = problem
-                if progress:
-                    progress(1)
-                checkpoint("verify-chunk")
-        finally:  # interrupted: the checks still queued are dropped, not waited for
-            pool.shutdown(wait=True, cancel_futures=True)
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for chunk_id, problem in pool.map(check, candidates):
+            if problem is None:
+                good.append(chunk_id)
+            else:
+                bad[chunk_id] = problem
+            if progress:
+                progress(1)
+            checkpoint("verify-chunk")
+    finally:  # interrupted: the checks still queued are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
 
     checked_per_point: dict[str, int] = defaultdict(int)
     for chunk_id in candidates:

@@ -1,4 +1,4 @@
-"""Reader locks: restore, mount, instant recovery, lab and copy hold the points they read.
+"""Reader locks: restore, mount, instant recovery, lab, copy and verify hold the points they read.
 
 A forget keeps a held point (and says which reader holds it), so gc keeps its chunks; a reader
 that starts while a forget runs waits for it; a point forgotten anyway is "removed by a concurrent
@@ -156,6 +156,53 @@ def test_copy_holds_its_points_against_forget_and_gc(tmp_path: Path):
     assert source.locks() == []
     source.ok("forget", "--keep-last", "1")  # the copy is over: now it goes
     assert vm_points[0] not in source.point_ids()
+
+
+def test_verify_holds_its_points_against_forget_and_gc(tmp_path: Path):
+    """A verify paused mid-check: forget keeps its points and names it, gc removes only other data,
+    and the verify ends with every point verified (before, the pulled-away chunks read as damage)."""
+    repo = Repo(tmp_path / "v", encryption="none")
+    repo.init()
+    image = tmp_path / "disk.img"
+    for seed in (1, 2):
+        make_random_image(image, MiB, seed=seed)
+        repo.backup(image, name="vm")
+    make_random_image(image, MiB, seed=3)
+    repo.backup(image, name="junk")
+    make_random_image(image, MiB, seed=4)
+    repo.backup(image, name="junk")
+    vm_points = [p["id"] for p in repo.points() if p["name"] == "vm"]
+    pause = Pause(tmp_path / "pause", "verify-chunk")
+    proc = repo.popen("verify", vm_points[0], "--json", env=repo.env(**pause.env))
+    try:
+        pause.wait(proc)
+        holders = [json.loads(p.read_text()) for p in repo.locks()]
+        assert [(h["kind"], h["points"]) for h in holders] == [("verify", vm_points[:1])]
+        line = repo.fails("forget", "--keep-last", "1", code=1, words=["being read", "verify", "pid"])
+        assert vm_points[0] in line
+        assert repo.ok("gc", "--grace", "0", "--json").json()["removed_chunks"] > 0  # junk's first point
+        pause.release()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert [(p["id"], p["state"]) for p in report["points"]] == [(vm_points[0], "verified")]
+    assert report["damaged_chunks"] == 0 and report["forgotten"] == []
+    assert repo.locks() == []
+
+
+def test_verify_names_a_point_forgotten_before_it_began(repository):
+    """Listed, then forgotten before verify's lock was in place: named as forgotten, not damaged."""
+    from surepoint.repo.verify import verify
+
+    old, new = _points(repository, 2)
+    repository.delete_restore_point(old)
+    report = verify(repository, [old, new])
+    assert report.forgotten == [old.id] and not report.damaged
+    assert [(p.id, p.state) for p in report.points] == [(new.id, "verified")]
 
 
 # -- real processes: mount + forget + gc ----------------------------------------------------------
