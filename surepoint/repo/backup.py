@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from surepoint.interrupt import stop_point
+from surepoint.interrupt import checkpoint, stop_point
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import chunks_touched
 from surepoint.repo.fixed_index import FixedIndex
@@ -287,6 +287,7 @@ def _read_and_store(
             if errors:
                 break
             stop_point()  # in a VM backup this runs in a worker thread: a signal reaches it here
+            checkpoint("backup-chunk")
             offset, length = index.chunk_range(n)
             window.acquire()
             try:

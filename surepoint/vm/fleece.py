@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from surepoint.interrupt import checkpoint
 from surepoint.vm.errors import FleeceError, QmpError, VmError
 from surepoint.vm.nbd import NbdDiskSource
 from surepoint.vm.qmp import QmpConnection
@@ -278,8 +279,9 @@ class PointInTimeView:
                 if self.require_freeze:
                     raise FleeceError(f"could not quiesce the guest: {exc}") from exc
         try:
+            checkpoint("vm-frozen")
             self.qmp.execute("transaction", actions=actions)
-        finally:
+        finally:  # an error or an interruption in between: the guest is thawed all the same
             if froze and self.thaw is not None:
                 self.thaw()
         self.quiesced = froze

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import selectors
+import signal
 import socket
 import subprocess
 import threading
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.conftest import Cli, Result, sha256_file
+from tests.conftest import SUREPOINT, Cli, Result, sha256_file
+from tests.security.pause import Pause
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("no_surepoint_bitmaps")]
 
@@ -505,3 +507,48 @@ def test_free_space_in_the_guest_is_skipped(test_vm, cli: Cli, tmp_path: Path) -
     image = restore_disk(cli, vm["restore_point"], data["number"], tmp_path / "data.raw")
     check = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "signum", "code"),
+    [("vm-frozen", signal.SIGTERM, 143), ("backup-chunk:3", signal.SIGINT, 130)],
+    ids=["while-frozen", "while-reading"],
+)
+def test_an_interrupted_vm_backup_leaves_the_vm_as_it_was(test_vm, cli: Cli, tmp_path: Path, where, signum, code):
+    """Signalled while the guest is frozen, or while the disks are read: the guest is thawed and keeps
+    writing, no block job, export or temporary node is left in QEMU, no lock and no restore point in
+    the repository, one line says what happened, and the next backup runs as if nothing had been."""
+    cli.run("init", check=True)
+    name, _, nth = where.partition(":")
+    pause = Pause(tmp_path / "pause", name, int(nth or 1))
+    proc = subprocess.Popen(
+        [SUREPOINT, "backup", "vm", test_vm.name, "--json"],
+        env={**cli.env, **pause.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        pause.wait(proc, timeout=300)
+        if name == "vm-frozen":
+            with test_vm.agent() as ga:
+                assert ga.fsfreeze_status(timeout=10) == "frozen"  # the window is real
+        os.kill(proc.pid, signum)
+        time.sleep(1.0)  # the main thread takes the signal; the job's thread goes on from the checkpoint
+        pause.release()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith(f"error: interrupted by {signal.Signals(signum).name}"), err
+    with test_vm.agent() as ga:
+        assert ga.fsfreeze_status(timeout=10) == "thawed"
+    test_vm.run(["sh", "-c", "echo still-writable > /data/after-interrupt && sync"], timeout=30)
+    assert_no_view_left(qemu_state(test_vm))
+    assert cli.points() == []
+    assert [p for p in (cli.repo / "locks").iterdir() if not p.name.endswith(".tmp")] == []
+    again, _ = good_backup(cli, test_vm.name)
+    assert again["consistency"] == "filesystem", again
+    assert_no_view_left(qemu_state(test_vm))
+    test_vm.run(["rm", "-f", "/data/after-interrupt"])
