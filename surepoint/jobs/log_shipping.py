@@ -17,7 +17,7 @@ from surepoint.consistency.log_sources import LOG_SOURCES
 from surepoint.consistency.runner import CommandRunner, HostRunner
 from surepoint.errors import ConfigError, SurepointError
 from surepoint.events import EventRecorder
-from surepoint.interrupt import at_stake
+from surepoint.interrupt import at_stake, checkpoint
 from surepoint.jobs.job_file import JobConfig
 from surepoint.repo.locks import repository_lock
 from surepoint.repo.logstore import LogStore
@@ -152,6 +152,7 @@ def _ship(repository, catalog, job, configs, sources, say) -> list[ShipReport]:
                     store.put(job.name, writer, log.file, data, log.covers_until)
                     report.shipped.append(log.file)
                     shipped.append(log.file)
+                    checkpoint("ship-log")
                 report.removed_on_server = source.remove_shipped(closed)
                 keep_from = first_needed_log(repository, job.name, writer)
                 if keep_from:
