@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,13 @@ import pytest
 pytest_plugins = ["tests.servers.seaweedfs", "tests.remote.sshd"]  # shared real servers
 
 SUREPOINT = shutil.which("surepoint") or os.path.join(os.path.dirname(sys.executable), "surepoint")
+
+# The tests never touch this machine's own ~/.config/surepoint: each run gets a known-repositories file
+# of its own. (A shared one remembers repositories of earlier runs at the same temporary paths, and
+# rightly refuses a new repository there as a forged config.)
+_KNOWN_DIR = tempfile.mkdtemp(prefix="surepoint-tests-")
+os.environ["SUREPOINT_KNOWN_REPOSITORIES"] = os.path.join(_KNOWN_DIR, "known-repositories.json")
+atexit.register(shutil.rmtree, _KNOWN_DIR, ignore_errors=True)
 
 
 @dataclass

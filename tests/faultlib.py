@@ -65,6 +65,9 @@ class Repo:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUREPOINT_")}
         env.update(
+            SUREPOINT_KNOWN_REPOSITORIES=os.environ.get(
+                "SUREPOINT_KNOWN_REPOSITORIES", str(self.base / "known-repositories.json")
+            ),
             SUREPOINT_REPO=str(self.path),
             SUREPOINT_PASSPHRASE=self.passphrase,
             SUREPOINT_CATALOG=str(self.catalog),
