@@ -26,6 +26,7 @@ from dataclasses import asdict
 from surepoint.catalog import Catalog
 from surepoint.errors import InvalidArgument, NeedsRoot, NotAVmBackup, SurepointError
 from surepoint.events import Component, EventRecorder, Outcome, Phase
+from surepoint.interrupt import checkpoint
 from surepoint.lab.checks import CheckContext, CheckResult, guest_addresses, run_check
 from surepoint.lab.lab_file import LabConfig, LabVmSpec
 from surepoint.lab.network import BRIDGE, LabNetwork, attach_to_lab, namespace_for
@@ -220,6 +221,7 @@ class Lab:
             deadline=self.deadline,
         )
         for test in spec.tests:
+            checkpoint("lab-test")
             if time.monotonic() >= self.deadline:
                 result.tests.append(CheckResult(test.name, test.type, "timeout", "the lab's timeout was reached", 0.0))
                 continue

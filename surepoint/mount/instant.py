@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import InUse, InvalidArgument, NeedsRoot, NotAVmBackup, NotFound, SurepointError, TargetError
+from surepoint.interrupt import checkpoint
 from surepoint.mount.manager import MountOptions, mount_restore_point
 from surepoint.mount.records import clean_stale, find_state, is_mountpoint, teardown
 from surepoint.processes import process_start, same_process
@@ -235,6 +236,7 @@ def _boot(session: InstantSession, timeout: float) -> None:
     session.pid = proc.pid
     session.pid_start = process_start(proc.pid)
     session.save()
+    checkpoint("instant-booting")
     if session.guest_agent is None:
         raise NotAVmBackup("the saved command line has no guest-agent channel: cannot tell when the VM is up")
     wait_for_guest_agent(proc, session.guest_agent, timeout, log_path=log_path)

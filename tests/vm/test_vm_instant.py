@@ -16,7 +16,8 @@ import pytest
 
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.qmp import QmpConnection
-from tests.conftest import Cli
+from tests.conftest import SUREPOINT, Cli
+from tests.security.pause import Pause
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("no_surepoint_bitmaps")]
 
@@ -282,3 +283,33 @@ def test_instant_recover_discard_and_errors(vm_point, tmp_path: Path) -> None:
         if (workdir / "instant.json").exists():
             _instant(cli, "--workdir", str(workdir), "--discard", timeout=120)
         _kill(pid)
+
+
+def test_an_interrupted_instant_recovery_leaves_nothing(vm_point, tmp_path: Path) -> None:
+    """SIGTERM while the instant VM boots (QEMU started, its agent not yet answering): one line says
+    nothing was left running, and nothing is: no QEMU, mount, loop device, overlay or lock."""
+    cli, point, _marker = vm_point
+    workdir = tmp_path / "instant"
+    pause = Pause(tmp_path / "pause", "instant-booting")
+    proc = subprocess.Popen(
+        [SUREPOINT, "instant-recover", point["id"], "--workdir", str(workdir)],
+        env={**cli.env, **pause.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pid = None
+    try:
+        pause.wait(proc, timeout=BOOT_TIMEOUT)
+        pid = json.loads((workdir / "instant.json").read_text())["pid"]
+        assert _alive(pid), "QEMU should be running at this checkpoint"
+        os.kill(proc.pid, signal.SIGTERM)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _kill(pid)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("error: interrupted by SIGTERM: no instant VM was left running"), err
+    _assert_nothing_left(cli, workdir, pid)
+    assert [p for p in (cli.repo / "locks").iterdir() if not p.name.endswith(".tmp")] == []
