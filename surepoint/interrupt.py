@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -109,10 +110,11 @@ def report(exc: Interrupted) -> str:
 
 # Testing aid: deterministic pauses ---------------------------------------------------------------
 # SUREPOINT_PAUSE_AT=<name>[:<n>] and SUREPOINT_PAUSE_DIR=<dir>: the n-th time (first by default)
-# the process passes `checkpoint(name)` it creates <dir>/<name>.reached, then blocks opening the FIFO
-# <dir>/<name>.go until a test opens it for writing and closes it. Meanwhile the test runs a
-# concurrent command or sends a signal: the signal lands exactly there (open() is interrupted, the
-# handler raises Interrupted), never in a race with a sleep. Unset, a checkpoint costs a dict lookup.
+# the process passes `checkpoint(name)` it creates <dir>/<name>.reached, then waits until a test
+# creates <dir>/<name>.go or the command is signalled. Meanwhile the test runs a concurrent command
+# or sends a signal, and the signal lands exactly there: in the main thread the handler raises
+# Interrupted out of the wait; in a worker thread the wait ends and the caller's next stop_point
+# raises it. Nothing races a sleep. Unset, a checkpoint costs a dict lookup.
 _passed: dict[str, int] = {}
 
 
@@ -127,11 +129,9 @@ def checkpoint(name: str) -> None:
             return
     directory = os.environ["SUREPOINT_PAUSE_DIR"]
     go = os.path.join(directory, f"{name}.go")
-    with contextlib.suppress(FileExistsError):
-        os.mkfifo(go, 0o600)
     reached = os.path.join(directory, f"{name}.reached")
     with open(reached + ".tmp", "w") as f:
         f.write(f"{os.getpid()}\n")
     os.rename(reached + ".tmp", reached)
-    with open(go, "rb") as fifo:
-        fifo.read()
+    while not os.path.exists(go) and not _received:
+        time.sleep(0.01)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import pytest
 
 from tests.conftest import SUREPOINT
 from tests.consistency.helpers import pg_job
-from tests.security.pause import Pause
+from tests.security.pause import Pause, interrupt, last_line
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loop devices")]
 
@@ -25,22 +24,11 @@ def test_interrupted_shipping_removes_nothing_and_the_next_run_finishes(work, pg
     archived = pg.wal_segments()
     assert len(archived) >= 3, archived
     pause = Pause(tmp_path / "pause", "ship-log")  # the first file is stored and recorded
-    proc = subprocess.Popen(
-        [SUREPOINT, "logs", "ship", "--job", str(job), "--json"],
-        env={**cli.env, **pause.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        pause.wait(proc)
-        os.kill(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, err
+    result = interrupt(pause, [SUREPOINT, "logs", "ship", "--job", str(job), "--json"], cli.env, signal.SIGTERM)
+    err = result.stderr
+    assert result.returncode == 143, err
     assert "Traceback" not in err, err
-    last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith("error: interrupted by SIGTERM: 1 log file(s) shipped and recorded"), err
+    assert last_line(err).startswith("error: interrupted by SIGTERM: 1 log file(s) shipped and recorded"), err
     assert pg.wal_segments() >= archived, "the archive lost files before they were all shipped"
     listed = cli.run("logs", "list", "postgresql", "pgdb", "--json", check=True).json()
     (first,) = [r["file"] for r in listed if r["file"] in archived]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -29,5 +31,35 @@ class Pause:
             time.sleep(0.02)
 
     def release(self) -> None:
-        fd = os.open(self.directory / f"{self.name}.go", os.O_WRONLY)
-        os.close(fd)
+        (self.directory / f"{self.name}.go").touch()
+
+
+@contextlib.contextmanager
+def paused_at(pause: Pause, argv: list[str], env: dict[str, str], timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """Run `argv` (text pipes) until it stands at the pause's checkpoint; yield it there. It is killed
+    if the block leaves it running (a failed assertion)."""
+    proc = subprocess.Popen(
+        argv, env={**env, **pause.env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        pause.wait(proc, timeout)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def interrupt(
+    pause: Pause, argv: list[str], env: dict[str, str], signum: int, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """Run `argv` to the pause's checkpoint and signal it there (the signal lands exactly there)."""
+    with paused_at(pause, argv, env, timeout) as proc:
+        os.kill(proc.pid, signum)
+        out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def last_line(stderr: str) -> str:
+    return [line for line in stderr.splitlines() if line.strip()][-1]

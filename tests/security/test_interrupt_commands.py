@@ -15,29 +15,19 @@ from pathlib import Path
 import pytest
 
 from tests.faultlib import SUREPOINT, MiB, Repo, make_random_image
-from tests.security.pause import Pause
+from tests.security.pause import Pause, interrupt, last_line
 
 SIGNALS = [(signal.SIGTERM, 143), (signal.SIGINT, 130)]
 
 
 def _interrupt(argv: list[str], env: dict, pause: Pause, signum: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        [SUREPOINT, *argv], env={**env, **pause.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        pause.wait(proc)
-        os.kill(proc.pid, signum)  # it waits at the checkpoint: the signal lands exactly there
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in err, err
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    result = interrupt(pause, [SUREPOINT, *argv], env, signum, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
 
 
 def _last_line(result: subprocess.CompletedProcess) -> str:
-    return [line for line in result.stderr.splitlines() if line.strip()][-1]
+    return last_line(result.stderr)
 
 
 def _failed_events(repo: Repo, signum: int) -> list[str]:

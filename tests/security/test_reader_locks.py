@@ -29,7 +29,7 @@ from surepoint.repo.retention import Policy
 from surepoint.storage.memory import MemoryBackend
 from tests.faultlib import MiB, Repo, make_random_image, sha256_file
 from tests.repo.conftest import CHUNK, MemoryDisk, disk_bytes
-from tests.security.pause import Pause
+from tests.security.pause import Pause, paused_at
 
 
 @pytest.fixture
@@ -134,10 +134,8 @@ def test_copy_holds_its_points_against_forget_and_gc(tmp_path: Path):
     target = Repo(tmp_path / "dst", encryption="none")
     target.init()
     pause = Pause(tmp_path / "pause", "copy-point")  # after the first point is copied, before the second
-    env = target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase, **pause.env)
-    proc = target.popen("copy", "vm", "--from", str(source.path), "--json", env=env)
-    try:
-        pause.wait(proc)
+    env = target.env(SUREPOINT_FROM_PASSPHRASE=source.passphrase)
+    with paused_at(pause, target.argv(["copy", "vm", "--from", str(source.path), "--json"]), env) as proc:
         holders = [json.loads(p.read_text()) for p in source.locks()]
         assert [(h["kind"], sorted(h["points"])) for h in holders] == [("copy", sorted(vm_points))]
         line = source.fails("forget", "--keep-last", "1", code=1, words=["being read", "copy", "pid"])
@@ -145,10 +143,6 @@ def test_copy_holds_its_points_against_forget_and_gc(tmp_path: Path):
         assert source.ok("gc", "--grace", "0", "--json").json()["removed_chunks"] > 0  # junk's first point
         pause.release()
         out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert [c["id"] for c in json.loads(out)["copied"]] == vm_points
     for point, digest in zip(vm_points, sha, strict=True):
@@ -173,9 +167,7 @@ def test_verify_holds_its_points_against_forget_and_gc(tmp_path: Path):
     repo.backup(image, name="junk")
     vm_points = [p["id"] for p in repo.points() if p["name"] == "vm"]
     pause = Pause(tmp_path / "pause", "verify-chunk")
-    proc = repo.popen("verify", vm_points[0], "--json", env=repo.env(**pause.env))
-    try:
-        pause.wait(proc)
+    with paused_at(pause, repo.argv(["verify", vm_points[0], "--json"]), repo.env()) as proc:
         holders = [json.loads(p.read_text()) for p in repo.locks()]
         assert [(h["kind"], h["points"]) for h in holders] == [("verify", vm_points[:1])]
         line = repo.fails("forget", "--keep-last", "1", code=1, words=["being read", "verify", "pid"])
@@ -183,10 +175,6 @@ def test_verify_holds_its_points_against_forget_and_gc(tmp_path: Path):
         assert repo.ok("gc", "--grace", "0", "--json").json()["removed_chunks"] > 0  # junk's first point
         pause.release()
         out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     report = json.loads(out)
     assert [(p["id"], p["state"]) for p in report["points"]] == [(vm_points[0], "verified")]

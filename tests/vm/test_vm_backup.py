@@ -24,7 +24,7 @@ import pytest
 import zstandard
 
 from tests.conftest import SUREPOINT, Cli, Result, sha256_file
-from tests.security.pause import Pause
+from tests.security.pause import Pause, interrupt, last_line
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("no_surepoint_bitmaps")]
 
@@ -521,24 +521,12 @@ def test_an_interrupted_vm_backup_leaves_the_vm_as_it_was(test_vm, cli: Cli, tmp
     cli.run("init", check=True)
     name, _, nth = where.partition(":")
     pause = Pause(tmp_path / "pause", name, int(nth or 1))
-    proc = subprocess.Popen(
-        [SUREPOINT, "backup", "vm", test_vm.name, "--json"],
-        env={**cli.env, **pause.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        pause.wait(proc, timeout=300)  # vm-frozen: the guest is frozen now (the command holds its agent)
-        os.kill(proc.pid, signum)
-        time.sleep(1.0)  # the main thread takes the signal; the job's thread goes on from the checkpoint
-        pause.release()
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == code, err
-    assert "Traceback" not in err, err
-    last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith(f"error: interrupted by {signal.Signals(signum).name}"), err
+    # vm-frozen: the guest is frozen at the checkpoint (the command holds its agent). The job runs in
+    # a worker thread: the signal ends its wait there, and its next stop point ends the job.
+    result = interrupt(pause, [SUREPOINT, "backup", "vm", test_vm.name, "--json"], cli.env, signum, timeout=300)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert last_line(result.stderr).startswith(f"error: interrupted by {signal.Signals(signum).name}"), result.stderr
     with test_vm.agent() as ga:
         assert ga.fsfreeze_status(timeout=10) == "thawed"
     test_vm.run(["sh", "-c", "echo still-writable > /data/after-interrupt && sync"], timeout=30)

@@ -17,7 +17,7 @@ import pytest
 from surepoint.vm.guest_agent import GuestAgent
 from surepoint.vm.qmp import QmpConnection
 from tests.conftest import SUREPOINT, Cli
-from tests.security.pause import Pause
+from tests.security.pause import Pause, last_line, paused_at
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("no_surepoint_bitmaps")]
 
@@ -291,25 +291,18 @@ def test_an_interrupted_instant_recovery_leaves_nothing(vm_point, tmp_path: Path
     cli, point, _marker = vm_point
     workdir = tmp_path / "instant"
     pause = Pause(tmp_path / "pause", "instant-booting")
-    proc = subprocess.Popen(
-        [SUREPOINT, "instant-recover", point["id"], "--workdir", str(workdir)],
-        env={**cli.env, **pause.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    argv = [SUREPOINT, "instant-recover", point["id"], "--workdir", str(workdir)]
     pid = None
     try:
-        pause.wait(proc, timeout=BOOT_TIMEOUT)
-        pid = json.loads((workdir / "instant.json").read_text())["pid"]
-        assert _alive(pid), "QEMU should be running at this checkpoint"
-        os.kill(proc.pid, signal.SIGTERM)
-        _out, err = proc.communicate(timeout=120)
+        with paused_at(pause, argv, cli.env, timeout=BOOT_TIMEOUT) as proc:
+            pid = json.loads((workdir / "instant.json").read_text())["pid"]
+            assert _alive(pid), "QEMU should be running at this checkpoint"
+            os.kill(proc.pid, signal.SIGTERM)
+            _out, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         _kill(pid)
     assert proc.returncode == 143, err
     assert "Traceback" not in err, err
-    last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith("error: interrupted by SIGTERM: no instant VM was left running"), err
+    assert last_line(err).startswith("error: interrupted by SIGTERM: no instant VM was left running"), err
     _assert_nothing_left(cli, workdir, pid)
     assert [p for p in (cli.repo / "locks").iterdir() if not p.name.endswith(".tmp")] == []

@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import SUREPOINT, Cli
 from tests.consistency.helpers import events, find_event
-from tests.security.pause import Pause
+from tests.security.pause import Pause, last_line, paused_at
 from tests.vm.test_vm_writers import ARCHIVE, PG_SERVICE, archived, guest_pg, pruned_in, psql, write_job  # noqa: F401
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.usefixtures("no_surepoint_bitmaps")]
@@ -379,22 +379,14 @@ def test_an_interrupted_lab_is_torn_down(lab_points, lab_cli: Cli, tmp_path: Pat
     lab = write_lab(tmp_path / "lab.toml", '[lab]\naddresses = ["10.0.2.2/24"]\n')
     recovery_before = {p["id"]: p["recovery"] for p in lab_cli.points()}
     pause = Pause(tmp_path / "pause", "lab-test")
-    proc = subprocess.Popen(
-        [SUREPOINT, "lab", "verify", lab_points["app"], "--group", str(lab), "--report-dir", str(tmp_path / "r")],
-        env={**lab_cli.env, **pause.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        pause.wait(proc, timeout=600)
+    argv = [SUREPOINT, "lab", "verify", lab_points["app"], "--group", str(lab), "--report-dir", str(tmp_path / "r")]
+    with paused_at(pause, argv, lab_cli.env, timeout=600) as proc:
         assert lab_leftovers(lab_dir)["qemu"], "the lab's VM should be running at this checkpoint"
         os.kill(proc.pid, signal.SIGTERM)
         _out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 143, err
     assert "Traceback" not in err, err
-    last = [line for line in err.splitlines() if line.strip()][-1]
+    last = last_line(err)
     assert last.startswith("error: interrupted by SIGTERM: ") and "torn down" in last, err
     assert lab_leftovers(lab_dir) == {"namespaces": [], "qemu": [], "mounts": [], "lab records": []}
     assert [p for p in (lab_cli.repo / "locks").iterdir() if not p.name.endswith(".tmp")] == []
