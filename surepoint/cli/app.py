@@ -44,6 +44,7 @@ from surepoint.errors import (
     UnreadableRestorePoints,
 )
 from surepoint.interrupt import Interrupted, handle_signals, report
+from surepoint.memory import keep_chunk_buffers
 
 app = typer.Typer(
     help="Image-level backup of disks and virtual machines into a deduplicating, verifiable repository.",
@@ -108,6 +109,7 @@ def error_with_hint(exc: SurepointError) -> str:
 def main() -> None:
     """Entry point: run the app and turn errors a user can cause into one line (and a hint) and an exit code."""
     handle_signals()
+    keep_chunk_buffers()
     try:
         app()
     except Interrupted as exc:

@@ -62,3 +62,57 @@ def test_restore_with_chunks_in_flight_is_exact_and_sparse(tmp_path, workers):
     assert target.read_bytes() == data
     assert result.written_bytes < 20 * MiB
     assert os.stat(target).st_blocks * 512 < 12 * MiB  # zero chunks and zero runs stay holes
+
+
+def _runs_by_definition(data: bytes, block: int) -> list[tuple[int, int]]:
+    """The runs of not-all-zero blocks, the slow obvious way."""
+    runs: list[tuple[int, int]] = []
+    for pos in range(0, len(data), block):
+        piece = data[pos : pos + block]
+        if any(piece):
+            if runs and runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], pos + len(piece))
+            else:
+                runs.append((pos, pos + len(piece)))
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nonzero_runs_find_every_byte_of_data(seed):
+    from surepoint.repo.restore import SPARSE_BLOCK, _nonzero_runs
+
+    rng = random.Random(seed)
+    size = rng.choice([SPARSE_BLOCK * 16, SPARSE_BLOCK * 5 + 1234, 777, SPARSE_BLOCK])
+    data = bytearray(size)
+    for _ in range(rng.randint(0, 6)):
+        at = rng.randrange(size)
+        # single bytes in the middle of a block whose first and last bytes are zero, and longer runs
+        length = min(size - at, rng.choice([1, 3, 1 + rng.randrange(2 * SPARSE_BLOCK)]))
+        data[at : at + length] = b"\x01" * length
+    data = bytes(data)
+    assert len(data) == size
+    runs = _nonzero_runs(data)
+    assert runs == _runs_by_definition(data, SPARSE_BLOCK)
+    rebuilt = bytearray(size)
+    for a, b in runs:
+        rebuilt[a:b] = data[a:b]
+    assert bytes(rebuilt) == data
+
+
+def test_restore_over_an_existing_file_writes_zeros_too(tmp_path):
+    """--overwrite of a file that held other data: every zero of the disk is written, not left as old bytes."""
+    repository = Repository.create(MemoryBackend(), chunk_size=256 << 10)
+    data = bytearray(8 * MiB)
+    data[MiB : MiB + 5000] = random.Random(4).randbytes(5000)
+    point = run_backup(repository, BackupRequest("over", [MemoryDisk(data)]))
+    target = tmp_path / "restored.img"
+    target.write_bytes(b"\xff" * (9 * MiB))
+    restore_disk(repository, point, 0, str(target), overwrite=True)
+    assert target.read_bytes() == data
+
+
+def test_the_allocator_keeps_chunk_buffers():
+    """On glibc (this product's platform) the malloc thresholds are taken."""
+    from surepoint.memory import keep_chunk_buffers
+
+    assert keep_chunk_buffers() is True

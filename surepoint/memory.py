@@ -1,0 +1,31 @@
+"""Keep the C allocator from handing chunk buffers back to the kernel between chunks.
+
+Every chunk a backup reads or a restore decompresses is a fresh megabyte-sized buffer. With
+glibc's defaults such buffers are mapped and unmapped (or trimmed from the threads' arenas) over
+and over, and each reuse costs a page fault and a zeroed page per 4 KiB: on a 4 GiB restore
+that was about a fifth of the system time. Raising the mmap and trim thresholds keeps the memory
+of the in-flight window (a few dozen chunks) mapped for reuse; peak memory does not grow beyond
+that window. Elsewhere than glibc this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+TRIM_THRESHOLD = 256 << 20
+
+
+def keep_chunk_buffers() -> bool:
+    """Tune malloc for chunk-sized buffers; True if the allocator took the settings."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
