@@ -8,7 +8,7 @@ of a file in /data, plus a new file), and takes the incremental. Each backup is 
 on a fresh repository and bitmap, the median reported. Prints the wall time of each command, the
 bytes read and the ratio incremental / full, then a JSON line. Needs root.
 
-    uv run python bench/vm_incremental.py [--change 2] [--repeat 3]
+    uv run python bench/vm_incremental.py [--change 2] [--repeat 3] [--surepoint CMD]
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--change", type=float, default=2.0, help="percent of the full backup's read bytes")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--surepoint", help="surepoint command (default: the project venv's surepoint, else uv run)")
     args = parser.parse_args()
-    surepoint = resolve_surepoint(None)
+    surepoint = resolve_surepoint(args.surepoint)
     build_test_vm()
     work = Path(tempfile.mkdtemp(prefix="surepoint-vmincr-", dir="/var/tmp"))
     disks = {"root": work / "root.qcow2", "data": work / "data.qcow2"}

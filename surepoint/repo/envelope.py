@@ -84,7 +84,7 @@ class Envelope:
         body = memoryview(blob)[HEADER.size :]
         if self._aead is not None:
             try:
-                payload = self._aead.decrypt(bytes(body[:NONCE_SIZE]), bytes(body[NONCE_SIZE:]), aad)
+                payload = self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad)  # views: no copies
             except InvalidTag:
                 raise DamagedData(f"object {binding} is damaged (authentication failed)") from None
         else:
