@@ -255,9 +255,12 @@ class GuestTransfer:
 
     def _send_agent(self, archive: str, guest_dir: str) -> None:
         staged = os.path.join(guest_dir, f".surepoint-restore-{secrets.token_hex(4)}.tar")
+        # made private first: a file guest-file-open creates is readable and writable by every
+        # user of the guest (qemu-ga sets 0666), and this one holds the restored data
+        self.runner.run(["install", "-m", "600", "/dev/null", staged], timeout=60).check()
         try:
             with self.runner.lock:
-                handle = self.agent.file_open(staged, "wb")
+                handle = self.agent.file_open(staged, "r+b")
                 try:
                     with open(archive, "rb") as f:
                         while block := f.read(4 << 20):

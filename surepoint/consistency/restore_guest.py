@@ -220,6 +220,9 @@ class GuestPostgresRestore(GuestRestoreWriter):
         return "; ".join(notes)
 
     def _append(self, path: str, data: bytes, uid: str, gid: str) -> None:
+        if self.runner.run(["test", "-e", path]).returncode != 0:
+            # guest-file-open would create it readable and writable by every guest user (0666)
+            self.guest(["install", "-m", "600", "-o", uid, "-g", gid, "/dev/null", path])
         with self.runner.lock:
             handle = self.runner.agent.file_open(path, "a")
             try:

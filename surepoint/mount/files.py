@@ -342,23 +342,31 @@ class GuestTarget:
 
     def write_file(self, parent: str, name: str, rel: str, src_fd: int, st: os.stat_result) -> None:
         tmp = self._tmp(parent)
-        handle = self.agent.file_open(tmp, "wb")
+        # qemu-ga makes the files guest-file-open creates readable and writable by every user of the
+        # guest (0666, whatever its umask): the file is made here first, private, and only opened
+        # by the agent, so no other user can read or change the restored bytes before their mode is set.
+        self._run(["install", "-m", "600", "/dev/null", tmp])
         try:
-            pos = 0
-            while pos < st.st_size:
-                block = os.pread(src_fd, min(COPY_BLOCK, st.st_size - pos), pos)
-                if not block:
-                    raise OSError(errno.EIO, f"{rel}: file ended early at {pos} bytes")
-                view = memoryview(block)
-                while view:
-                    written = self.agent.file_write(handle, bytes(view))
-                    if written <= 0:
-                        raise OSError(errno.EIO, f"{rel}: guest-file-write wrote nothing")
-                    view = view[written:]
-                pos += len(block)
-                self.report.bytes += len(block)
-        finally:
-            self.agent.file_close(handle)
+            handle = self.agent.file_open(tmp, "r+b")
+            try:
+                pos = 0
+                while pos < st.st_size:
+                    block = os.pread(src_fd, min(COPY_BLOCK, st.st_size - pos), pos)
+                    if not block:
+                        raise OSError(errno.EIO, f"{rel}: file ended early at {pos} bytes")
+                    view = memoryview(block)
+                    while view:
+                        written = self.agent.file_write(handle, bytes(view))
+                        if written <= 0:
+                            raise OSError(errno.EIO, f"{rel}: guest-file-write wrote nothing")
+                        view = view[written:]
+                    pos += len(block)
+                    self.report.bytes += len(block)
+            finally:
+                self.agent.file_close(handle)
+        except BaseException:
+            self._run(["rm", "-f", "--", tmp], check=False)  # no half-written temporary left beside the file
+            raise
         self._set_metadata(tmp, st, symlink=False, rel=rel, regular=True)
         self._place(tmp, posixpath.join(parent, name), rel)
 

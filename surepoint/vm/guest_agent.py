@@ -317,7 +317,11 @@ class GuestAgent:
             self.file_close(handle)
 
     def write_file(self, path: str, data: bytes) -> None:
-        """Create or replace a guest file with `data`."""
+        """Create or replace a guest file with `data`.
+
+        A file this creates is readable and writable by every user of the guest (qemu-ga gives new
+        files mode 0666): create only in a private directory, or replace files that exist.
+        """
         handle = self.file_open(path, "wb")
         try:
             view = memoryview(data)

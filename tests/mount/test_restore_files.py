@@ -212,6 +212,7 @@ class FakeAgent:
     def __init__(self) -> None:
         self.argvs: list[list[str]] = []
         self.files: dict[int, object] = {}
+        self.modes_written: list[int] = []
 
     def exec(self, argv, *, timeout=60.0, check=False, **_):
         assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
@@ -220,11 +221,17 @@ class FakeAgent:
         return ExecResult(1, proc.returncode, None, proc.stdout, proc.stderr)
 
     def file_open(self, path, mode="r"):
+        if mode[0] in "wa" and not os.path.lexists(path):
+            # as qemu-ga does: a file it creates gets mode 0666, whatever the umask
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.chmod(path, 0o666)
         f = open(path, mode)  # noqa: SIM115 - closed by file_close
         self.files[f.fileno()] = f
         return f.fileno()
 
     def file_write(self, handle, data):
+        # who else could read or change the file while restored bytes go into it
+        self.modes_written.append(stat.S_IMODE(os.fstat(handle).st_mode))
         return self.files[handle].write(data)
 
     def file_close(self, handle):
@@ -248,6 +255,8 @@ def test_guest_target_restores_with_argv_only_and_refuses_symlinked_dirs(staging
     assert os.readlink(restored / "passwd-link") == "/etc/passwd"
     assert os.stat(restored / "private").st_uid == 1234 and stat.S_IMODE(os.stat(restored / "private").st_mode) == 0o600
     assert not list(restored.glob(".surepoint-restore.*"))
+    # while the bytes went in, no other user of the guest could read or change them
+    assert agent.modes_written and all(mode & 0o077 == 0 for mode in agent.modes_written), agent.modes_written
     # odd names went through as single argv elements, never through a shell
     assert any(argv[-1].endswith("new\nline") for argv in agent.argvs)
 
