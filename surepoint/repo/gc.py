@@ -16,9 +16,12 @@ Objects under retention (S3 Object Lock) are never touched: gc counts them and s
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from surepoint.errors import (
@@ -30,11 +33,12 @@ from surepoint.errors import (
 )
 from surepoint.interrupt import checkpoint
 from surepoint.repo import logstore
+from surepoint.repo.backup import default_workers
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
 from surepoint.repo.repair import QUARANTINE_PREFIX
 from surepoint.repo.repository import INDEX_PREFIX, TRASH_PREFIX, Repository
-from surepoint.storage.backend import Backend, ObjectNotFound
+from surepoint.storage.backend import Backend, ObjectInfo, ObjectNotFound
 
 MARGIN_SECONDS = 300
 # File systems stamp mtimes from the kernel's coarse clock, which lags time.time() (a lock's
@@ -134,48 +138,84 @@ def collect_garbage(
                     result.removed_chunks += 1
                     result.removed_bytes += info.size
 
-        for info in backend.list(CHUNK_PREFIX):
-            chunk_id = chunk_id_from_name(info.name)
-            if chunk_id is None or chunk_id in referenced:
-                continue
-            if info.mtime >= cutoff:
-                result.kept_recent_chunks += 1
-                continue
-            if locked(info.name):
-                continue
-            if dry_run:
-                result.removed_chunks += 1
-                result.removed_bytes += info.size
-                continue
-            trash = TRASH_PREFIX + chunk_id.hex()
+        def remove(info: ObjectInfo) -> tuple[str, float | None]:
+            """Remove one unreferenced chunk: what happened to it, and the retention date if locked."""
+            trash = TRASH_PREFIX + chunk_id_from_name(info.name).hex()
             if not atomic_rename:
                 try:
                     if backend.stat(info.name).mtime >= cutoff:  # claimed since the listing
-                        result.kept_recent_chunks += 1
-                        continue
+                        return "kept", None
                     backend.rename(info.name, trash)
                 except ObjectNotFound:
-                    continue
+                    return "gone", None
                 except ObjectLocked as exc:  # a backup extended its retention since we looked
-                    result.locked_objects += 1
-                    result.locked_until = max(result.locked_until or 0.0, exc.until)
-                    continue
-                result.trashed_chunks += 1
-                result.trashed_bytes += info.size
-                continue
+                    return "locked", exc.until
+                return "trashed", None
             try:
                 backend.rename(info.name, trash)
             except ObjectNotFound:
-                continue
+                return "gone", None
             moved = backend.stat(trash)
             if moved.mtime >= cutoff:  # a backup claimed it between our listing and the move
                 _rename_back(backend, trash, info.name)
-                result.kept_recent_chunks += 1
-                continue
+                return "kept", None
             _delete_quietly(backend, trash)
-            result.removed_chunks += 1
-            result.removed_bytes += info.size
-            checkpoint("gc-chunk")
+            return "removed", None
+
+        def doomed():
+            for info in backend.list(CHUNK_PREFIX):
+                chunk_id = chunk_id_from_name(info.name)
+                if chunk_id is None or chunk_id in referenced:
+                    continue
+                if info.mtime >= cutoff:
+                    result.kept_recent_chunks += 1
+                    continue
+                if locked(info.name):
+                    continue
+                if dry_run:
+                    result.removed_chunks += 1
+                    result.removed_bytes += info.size
+                    continue
+                yield info
+
+        def tally(info: ObjectInfo, outcome: str, until: float | None) -> None:
+            if outcome == "kept":
+                result.kept_recent_chunks += 1
+            elif outcome == "locked":
+                result.locked_objects += 1
+                result.locked_until = max(result.locked_until or 0.0, until or 0.0)
+            elif outcome == "trashed":
+                result.trashed_chunks += 1
+                result.trashed_bytes += info.size
+            elif outcome == "removed":
+                result.removed_chunks += 1
+                result.removed_bytes += info.size
+
+        # Chunks are removed by several threads (each removal is a rename, a look and a delete: on
+        # object storage, three round trips), a bounded window of them in flight.
+        workers = default_workers(backend)
+        with ThreadPoolExecutor(workers) as pool:
+            queue = doomed()
+            window: collections.deque[tuple[ObjectInfo, Future[tuple[str, float | None]]]] = collections.deque(
+                (info, pool.submit(remove, info)) for info in itertools.islice(queue, 2 * workers)
+            )
+            try:
+                while window:
+                    info, future = window[0]
+                    outcome, until = future.result()
+                    window.popleft()
+                    tally(info, outcome, until)
+                    checkpoint("gc-chunk")
+                    following = next(queue, None)
+                    if following is not None:
+                        window.append((following, pool.submit(remove, following)))
+            finally:
+                # interrupted: what has not begun is dropped; what was under way ends and is counted,
+                # so the report says exactly how many chunks went
+                for info, future in window:
+                    if not future.cancel():
+                        with contextlib.suppress(Exception):
+                            tally(info, *future.result())
 
         for info in list(backend.list(QUARANTINE_PREFIX)):  # damaged copies set aside by verify --repair
             chunk_id = chunk_id_from_name(info.name)

@@ -6,10 +6,12 @@ It only reads and reports: recording the outcome (in the catalog) is the verify 
 
 from __future__ import annotations
 
+import collections
+import itertools
 import random
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import DamagedData, RestorePointForgotten
@@ -107,6 +109,78 @@ def verify(
     return report
 
 
+@dataclass
+class _Plan:
+    """What the points use, compactly: one entry per distinct chunk, whatever the number of points."""
+
+    owners: dict[bytes, int]  # chunk id -> bit mask of the points (by position) that use it
+    distinct: list[int]  # per point: distinct chunks it uses that are not skipped
+    index_damage: dict[str, list[DamagedRange]]
+
+
+def _plan(repository: Repository, points: Sequence[RestorePoint], skip: Collection[bytes]) -> _Plan:
+    owners: dict[bytes, int] = {}
+    distinct = [0] * len(points)
+    index_damage: dict[str, list[DamagedRange]] = defaultdict(list)
+    for position, point in enumerate(points):
+        bit = 1 << position
+        used: set[bytes] = set()
+        for disk in point.disks:
+            try:
+                index = repository.load_index(point, disk.number)
+            except RestorePointForgotten:
+                continue  # forgotten since it was listed: nothing to check
+            except DamagedData as exc:
+                index_damage[point.id].append(DamagedRange(disk.number, 0, disk.size, str(exc)))
+                continue
+            used.update(index.ids)
+        used.discard(ZERO_ID)
+        for chunk_id in used:
+            owners[chunk_id] = owners.get(chunk_id, 0) | bit
+        distinct[position] = len(used.difference(skip)) if skip else len(used)
+    return _Plan(owners, distinct, index_damage)
+
+
+def _checked_per_point(plan: _Plan, candidates: Sequence[bytes], count: int) -> list[int]:
+    """How many distinct chunks of each point a sample checked."""
+    checked = [0] * count
+    for chunk_id in candidates:
+        mask = plan.owners[chunk_id]
+        while mask:
+            lowest = mask & -mask
+            checked[lowest.bit_length() - 1] += 1
+            mask ^= lowest
+    return checked
+
+
+def _where_damaged(
+    repository: Repository, points: Sequence[RestorePoint], plan: _Plan, bad: dict[bytes, str]
+) -> dict[str, list[DamagedRange]]:
+    """The disk ranges of the damaged chunks: a second look at the indexes of the points that use them."""
+    damage: dict[str, list[DamagedRange]] = defaultdict(list)
+    affected = 0
+    for chunk_id in bad:
+        affected |= plan.owners[chunk_id]
+    for position, point in enumerate(points):
+        if not affected >> position & 1:
+            continue
+        by_problem: dict[tuple[int, str], list[Extent]] = defaultdict(list)
+        for disk in point.disks:
+            try:
+                index = repository.load_index(point, disk.number)
+            except (RestorePointForgotten, DamagedData):
+                continue  # its damage is already recorded by the plan
+            for number, chunk_id in enumerate(index.ids):
+                problem = bad.get(chunk_id)
+                if problem is not None:
+                    offset = number * disk.chunk_size
+                    by_problem[(disk.number, problem)].append(Extent(offset, min(disk.chunk_size, disk.size - offset)))
+        for (disk_number, problem), extents in by_problem.items():
+            for ext in merge(extents):
+                damage[point.id].append(DamagedRange(disk_number, ext.offset, ext.length, problem))
+    return damage
+
+
 def _verify(
     repository: Repository,
     points: Sequence[RestorePoint],
@@ -116,12 +190,9 @@ def _verify(
     progress: Callable[[int], None] | None,
     on_plan: Callable[[int], None] | None,
 ) -> VerifyReport:
-    uses, index_damage = plan_chunks(repository, points)
-    candidates = list(uses)
-    skipped = 0
-    if skip:
-        kept = [c for c in candidates if c not in skip]
-        skipped, candidates = len(candidates) - len(kept), kept
+    plan = _plan(repository, points, skip)
+    candidates = [c for c in plan.owners if c not in skip] if skip else list(plan.owners)
+    skipped = len(plan.owners) - len(candidates)
     sampled = sample is not None and sample < 1
     if sampled:
         count = max(1, round(len(candidates) * sample)) if candidates else 0
@@ -140,7 +211,16 @@ def _verify(
     good: list[bytes] = []
     pool = ThreadPoolExecutor(workers)
     try:
-        for chunk_id, problem in pool.map(check, candidates):
+        # a window of checks in flight, not one future per chunk: memory stays flat with the chunk count
+        queue = iter(candidates)
+        window: collections.deque[Future[tuple[bytes, str | None]]] = collections.deque(
+            pool.submit(check, c) for c in itertools.islice(queue, 4 * workers)
+        )
+        while window:
+            chunk_id, problem = window.popleft().result()
+            following = next(queue, None)
+            if following is not None:
+                window.append(pool.submit(check, following))
             if problem is None:
                 good.append(chunk_id)
             else:
@@ -151,25 +231,14 @@ def _verify(
     finally:  # interrupted: the checks still queued are dropped, not waited for
         pool.shutdown(wait=True, cancel_futures=True)
 
-    checked_per_point: dict[str, int] = defaultdict(int)
-    for chunk_id in candidates:
-        for point_id in {u[0] for u in uses[chunk_id]}:
-            checked_per_point[point_id] += 1
-    damage: dict[str, list[DamagedRange]] = defaultdict(list, {k: list(v) for k, v in index_damage.items()})
-    by_disk: dict[tuple[str, int, str], list[Extent]] = defaultdict(list)
-    for chunk_id, problem in bad.items():
-        for point_id, disk, number in uses[chunk_id]:
-            point = next(p for p in points if p.id == point_id)
-            chunk_size = next(d.chunk_size for d in point.disks if d.number == disk)
-            size = next(d.size for d in point.disks if d.number == disk)
-            offset = number * chunk_size
-            by_disk[(point_id, disk, problem)].append(Extent(offset, min(chunk_size, size - offset)))
-    for (point_id, disk, problem), extents in by_disk.items():
-        for ext in merge(extents):
-            damage[point_id].append(DamagedRange(disk, ext.offset, ext.length, problem))
+    checked_per_point = _checked_per_point(plan, candidates, len(points)) if sampled else plan.distinct
+    damage: dict[str, list[DamagedRange]] = defaultdict(list, {k: list(v) for k, v in plan.index_damage.items()})
+    if bad:
+        for point_id, ranges in _where_damaged(repository, points, plan, bad).items():
+            damage[point_id].extend(ranges)
 
     results = []
-    for point in points:
+    for position, point in enumerate(points):
         ranges = sorted(damage.get(point.id, []), key=lambda r: (r.disk, r.offset))
         if ranges:
             state = "damaged"
@@ -177,7 +246,7 @@ def _verify(
             state = "unchanged"
         else:
             state = "verified"
-        results.append(PointResult(point.id, point.name, state, checked_per_point.get(point.id, 0), ranges))
+        results.append(PointResult(point.id, point.name, state, checked_per_point[position], ranges))
     return VerifyReport(
         results, len(candidates), skipped, len(bad), list(repository.damaged_manifests), good, list(bad)
     )
