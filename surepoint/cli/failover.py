@@ -6,7 +6,6 @@ No `from __future__ import annotations` here: typer evaluates the annotations of
 import os
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -36,7 +35,7 @@ HINTS = {
 class _DefaultVm(TyperGroup):
     """`failover NAME ...` runs the `vm` command; `failover plan ...` the plan group."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["vm", *args]
         return super().parse_args(ctx, args)
