@@ -102,6 +102,7 @@ def verify(
     and `gc` keeps their chunks: a missing chunk is damage, never a point pulled away mid-check. A
     point forgotten before the lock was in place is left out and named in `forgotten`.
     """
+    skip = skip if isinstance(skip, set | frozenset) else frozenset(skip)
     with repository.reading(points, "verify", "verify", require_all=False) as gone:
         points = [p for p in points if p.id not in gone]
         report = _verify(repository, points, sample, skip, workers, progress, on_plan)
@@ -124,7 +125,6 @@ def _plan(repository: Repository, points: Sequence[RestorePoint], skip: Collecti
     index_damage: dict[str, list[DamagedRange]] = defaultdict(list)
     for position, point in enumerate(points):
         bit = 1 << position
-        used: set[bytes] = set()
         for disk in point.disks:
             try:
                 index = repository.load_index(point, disk.number)
@@ -133,11 +133,12 @@ def _plan(repository: Repository, points: Sequence[RestorePoint], skip: Collecti
             except DamagedData as exc:
                 index_damage[point.id].append(DamagedRange(disk.number, 0, disk.size, str(exc)))
                 continue
-            used.update(index.ids)
-        used.discard(ZERO_ID)
-        for chunk_id in used:
-            owners[chunk_id] = owners.get(chunk_id, 0) | bit
-        distinct[position] = len(used.difference(skip)) if skip else len(used)
+            for chunk_id in index.ids:
+                mask = owners.get(chunk_id, 0)
+                if not mask & bit and chunk_id != ZERO_ID:  # first time in this point
+                    owners[chunk_id] = mask | bit
+                    if chunk_id not in skip:
+                        distinct[position] += 1
     return _Plan(owners, distinct, index_damage)
 
 
