@@ -16,12 +16,10 @@ Objects under retention (S3 Object Lock) are never touched: gc counts them and s
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import itertools
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from surepoint.errors import (
@@ -33,6 +31,7 @@ from surepoint.errors import (
 )
 from surepoint.interrupt import checkpoint
 from surepoint.repo import logstore
+from surepoint.repo.ahead import Ahead
 from surepoint.repo.backup import default_workers
 from surepoint.repo.chunks import CHUNK_PREFIX, ZERO_ID, chunk_id_from_name, chunk_object_name
 from surepoint.repo.locks import is_stale, read_locks, remove_stale_locks, repository_lock
@@ -195,27 +194,17 @@ def collect_garbage(
         # object storage, three round trips), a bounded window of them in flight.
         workers = default_workers(backend)
         with ThreadPoolExecutor(workers) as pool:
-            queue = doomed()
-            window: collections.deque[tuple[ObjectInfo, Future[tuple[str, float | None]]]] = collections.deque(
-                (info, pool.submit(remove, info)) for info in itertools.islice(queue, 2 * workers)
-            )
+            removals = Ahead(pool, remove, doomed(), 2 * workers)
             try:
-                while window:
-                    info, future = window[0]
-                    outcome, until = future.result()
-                    window.popleft()
+                for info, (outcome, until) in removals:
                     tally(info, outcome, until)
                     checkpoint("gc-chunk")
-                    following = next(queue, None)
-                    if following is not None:
-                        window.append((following, pool.submit(remove, following)))
             finally:
                 # interrupted: what has not begun is dropped; what was under way ends and is counted,
                 # so the report says exactly how many chunks went
-                for info, future in window:
-                    if not future.cancel():
-                        with contextlib.suppress(Exception):
-                            tally(info, *future.result())
+                for info, future in removals.abandon():
+                    with contextlib.suppress(Exception):
+                        tally(info, *future.result())
 
         for info in list(backend.list(QUARANTINE_PREFIX)):  # damaged copies set aside by verify --repair
             chunk_id = chunk_id_from_name(info.name)

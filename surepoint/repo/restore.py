@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
-import ctypes.util
 import functools
-import itertools
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from surepoint.errors import DamagedData, SurepointError, TargetError
+from surepoint.repo.ahead import Ahead
 from surepoint.repo.backup import default_workers, in_flight_limit
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.fixed_index import FixedIndex
@@ -117,8 +115,7 @@ class _Writeback:
 @functools.cache
 def _sync_file_range_write() -> Callable[[int, int, int], object] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        func = libc.sync_file_range
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range  # the C library this process runs on
     except (OSError, AttributeError):
         return None
     func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
@@ -154,14 +151,14 @@ def restore_disk(
     workers = workers or default_workers(repository.backend)
     zero = bytes(index.chunk_size)
 
-    def fetch(number: int) -> tuple[int, bytes | None, list[tuple[int, int]]]:
+    def fetch(number: int) -> tuple[bytes | None, list[tuple[int, int]]]:
         chunk_id = index.ids[number]
         if chunk_id == ZERO_ID:
-            return number, None, []
+            return None, []
         try:
             data = repository.chunks.get(chunk_id)
             # the zero test runs here, in the workers, not in the thread that writes
-            return number, data, _nonzero_runs(data) if sparse else [(0, len(data))]
+            return data, _nonzero_runs(data) if sparse else [(0, len(data))]
         except DamagedData as exc:
             offset, length = index.chunk_range(number)
             if not repository.backend.exists(f"restorepoints/{restore_point.id}"):
@@ -177,19 +174,11 @@ def restore_disk(
     try:
         reading = repository.reading([restore_point], "restore", f"restore to {target}")
         with reading, ThreadPoolExecutor(workers) as pool:
-            # A sliding window: `in_flight` chunks are fetched, checked and decrypted ahead of the one
-            # being written, in disk order, so the target is written sequentially and never waits
-            # for a whole batch.
-            numbers = iter(range(len(index.ids)))
-            pending: collections.deque[Future[tuple[int, bytes | None, list[tuple[int, int]]]]] = collections.deque(
-                pool.submit(fetch, n) for n in itertools.islice(numbers, in_flight_limit(workers, index.chunk_size))
-            )
+            # `in_flight` chunks are fetched, checked and decrypted ahead of the one being written,
+            # in disk order, so the target is written sequentially and never waits for a whole batch.
+            ahead = Ahead(pool, fetch, range(len(index.ids)), in_flight_limit(workers, index.chunk_size))
             writeback = _Writeback(fd)
-            while pending:
-                number, data, runs = pending.popleft().result()
-                following = next(numbers, None)
-                if following is not None:
-                    pending.append(pool.submit(fetch, following))
+            for number, (data, runs) in ahead:
                 offset, length = index.chunk_range(number)
                 if data is None:
                     if not sparse:

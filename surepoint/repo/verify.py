@@ -6,19 +6,19 @@ It only reads and reports: recording the outcome (in the catalog) is the verify 
 
 from __future__ import annotations
 
-import collections
-import itertools
 import random
 from collections import defaultdict
-from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from surepoint.errors import DamagedData, RestorePointForgotten
 from surepoint.interrupt import checkpoint
+from surepoint.repo.ahead import Ahead
 from surepoint.repo.chunks import ZERO_ID
 from surepoint.repo.extents import Extent, merge
-from surepoint.repo.manifest import RestorePoint
+from surepoint.repo.fixed_index import FixedIndex
+from surepoint.repo.manifest import DiskRecord, RestorePoint
 from surepoint.repo.repository import Repository
 
 
@@ -61,6 +61,21 @@ class VerifyReport:
         return data
 
 
+def _indexes(
+    repository: Repository, point: RestorePoint, index_damage: dict[str, list[DamagedRange]]
+) -> Iterator[tuple[DiskRecord, FixedIndex]]:
+    """The point's disks with their indexes; an unreadable index is recorded as damage to the whole disk."""
+    for disk in point.disks:
+        try:
+            index = repository.load_index(point, disk.number)
+        except RestorePointForgotten:
+            continue  # forgotten since it was listed: nothing to check
+        except DamagedData as exc:
+            index_damage[point.id].append(DamagedRange(disk.number, 0, disk.size, str(exc)))
+            continue
+        yield disk, index
+
+
 def plan_chunks(
     repository: Repository, points: Sequence[RestorePoint]
 ) -> tuple[dict[bytes, list[tuple[str, int, int]]], dict[str, list[DamagedRange]]]:
@@ -68,14 +83,7 @@ def plan_chunks(
     uses: dict[bytes, list[tuple[str, int, int]]] = defaultdict(list)
     index_damage: dict[str, list[DamagedRange]] = defaultdict(list)
     for point in points:
-        for disk in point.disks:
-            try:
-                index = repository.load_index(point, disk.number)
-            except RestorePointForgotten:
-                continue  # forgotten since it was listed: nothing to check
-            except DamagedData as exc:
-                index_damage[point.id].append(DamagedRange(disk.number, 0, disk.size, str(exc)))
-                continue
+        for disk, index in _indexes(repository, point, index_damage):
             for number, chunk_id in enumerate(index.ids):
                 if chunk_id != ZERO_ID:
                     uses[chunk_id].append((point.id, disk.number, number))
@@ -125,14 +133,7 @@ def _plan(repository: Repository, points: Sequence[RestorePoint], skip: Collecti
     index_damage: dict[str, list[DamagedRange]] = defaultdict(list)
     for position, point in enumerate(points):
         bit = 1 << position
-        for disk in point.disks:
-            try:
-                index = repository.load_index(point, disk.number)
-            except RestorePointForgotten:
-                continue  # forgotten since it was listed: nothing to check
-            except DamagedData as exc:
-                index_damage[point.id].append(DamagedRange(disk.number, 0, disk.size, str(exc)))
-                continue
+        for _disk, index in _indexes(repository, point, index_damage):
             for chunk_id in index.ids:
                 mask = owners.get(chunk_id, 0)
                 if not mask & bit and chunk_id != ZERO_ID:  # first time in this point
@@ -201,27 +202,18 @@ def _verify(
     if on_plan:
         on_plan(len(candidates))
 
-    def check(chunk_id: bytes) -> tuple[bytes, str | None]:
+    def check(chunk_id: bytes) -> str | None:
         try:
             repository.chunks.get(chunk_id)
-            return chunk_id, None
+            return None
         except DamagedData as exc:
-            return chunk_id, str(exc)
+            return str(exc)
 
     bad: dict[bytes, str] = {}
     good: list[bytes] = []
     pool = ThreadPoolExecutor(workers)
     try:
-        # a window of checks in flight, not one future per chunk: memory stays flat with the chunk count
-        queue = iter(candidates)
-        window: collections.deque[Future[tuple[bytes, str | None]]] = collections.deque(
-            pool.submit(check, c) for c in itertools.islice(queue, 4 * workers)
-        )
-        while window:
-            chunk_id, problem = window.popleft().result()
-            following = next(queue, None)
-            if following is not None:
-                window.append(pool.submit(check, following))
+        for chunk_id, problem in Ahead(pool, check, candidates, 4 * workers):
             if problem is None:
                 good.append(chunk_id)
             else:
